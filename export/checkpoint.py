@@ -1,0 +1,173 @@
+"""Read a Granite checkpoint's config and decide whether we can export it.
+
+Everything the graph builder needs about the architecture is gathered into one
+frozen `GraniteArch`, read from `config.json` alone, so the unsupported cases
+are refused before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SUPPORTED_MODEL_TYPES = ("granitemoehybrid", "granite")
+SUPPORTED_TEXT = (
+    "GraniteMoeHybridForCausalLM checkpoints whose layers are all attention "
+    "(granite-4.0-1b, granite-4.0-350m) and Granite 3.x GraniteForCausalLM"
+)
+ATTENTION_LAYER_NAMES = ("attention", "full_attention")
+MAMBA_LAYER_NAMES = ("mamba", "linear_attention")
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be exported; the message says what was found and what is supported."""
+
+
+@dataclass(frozen=True)
+class GraniteArch:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    embedding_multiplier: float
+    attention_multiplier: float
+    residual_multiplier: float
+    logits_scaling: float
+    tie_word_embeddings: bool
+    bos_token_id: int | None
+    eos_token_id: int | list[int] | None
+    pad_token_id: int | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _read_json_lenient(path: Path) -> dict:
+    # transformers 5.x writes `time_step_limit` with a bare Infinity, which
+    # Python's json module accepts; other non-standard spellings are refused.
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def read_config(model_dir: Path) -> dict:
+    config_path = model_dir / "config.json"
+    if not model_dir.exists():
+        raise CheckpointError(f"{model_dir}: no such folder (expected a Hugging Face checkpoint folder or hub id)")
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: is a file, expected a checkpoint folder containing config.json")
+    if not config_path.is_file():
+        found = sorted(p.name for p in model_dir.iterdir())[:12]
+        raise CheckpointError(
+            f"{config_path}: missing; {model_dir} holds {found or 'nothing'}. "
+            f"Supported: {SUPPORTED_TEXT}."
+        )
+    return _read_json_lenient(config_path)
+
+
+def layer_kinds(config: dict) -> list[str]:
+    """Per-layer 'attention' or 'mamba', reading both spellings transformers writes."""
+    n = int(config.get("num_hidden_layers", 0))
+    types = config.get("layer_types") or config.get("layers_block_type")
+    if types is None:
+        return ["attention"] * n
+    kinds = []
+    for i, t in enumerate(types):
+        if t in ATTENTION_LAYER_NAMES:
+            kinds.append("attention")
+        elif t in MAMBA_LAYER_NAMES:
+            kinds.append("mamba")
+        else:
+            raise CheckpointError(f"config.json: layer_types[{i}] = {t!r} is not a known layer type")
+    return kinds
+
+
+def arch_from_config(config: dict, source: str = "config.json") -> GraniteArch:
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} (architectures {archs}) is not a Granite model. "
+            f"Supported: {SUPPORTED_TEXT}."
+        )
+    kinds = layer_kinds(config) if model_type == "granitemoehybrid" else ["attention"] * config["num_hidden_layers"]
+    if "mamba" in kinds:
+        n_mamba = kinds.count("mamba")
+        raise CheckpointError(
+            f"{source}: hybrid Mamba2 checkpoint ({n_mamba} of {len(kinds)} layers are Mamba2, e.g. "
+            "granite-4.0-h-*): not yet supported; only all-attention Granite models export today "
+            f"({SUPPORTED_TEXT})."
+        )
+    if int(config.get("num_local_experts", 0) or 0) > 0:
+        raise CheckpointError(
+            f"{source}: mixture-of-experts checkpoint (num_local_experts={config['num_local_experts']}): "
+            f"not yet supported. Supported: {SUPPORTED_TEXT}."
+        )
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise CheckpointError(f"{source}: attention_bias/mlp_bias = true is not supported (no Granite release uses it)")
+    pos_type = config.get("position_embedding_type", "rope")
+    if model_type == "granitemoehybrid" and pos_type != "rope":
+        raise CheckpointError(f"{source}: position_embedding_type {pos_type!r} on a dense model is not supported (expected 'rope')")
+    rope_scaling = config.get("rope_scaling")
+    rope_params = config.get("rope_parameters") or {}
+    rope_type = (rope_scaling or {}).get("rope_type") or (rope_scaling or {}).get("type") or rope_params.get("rope_type", "default")
+    if rope_type not in ("default", None):
+        raise CheckpointError(f"{source}: rope scaling {rope_type!r} is not supported (only plain RoPE)")
+    rope_theta = config.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    intermediate = config.get("shared_intermediate_size") if model_type == "granitemoehybrid" else None
+    intermediate = int(intermediate or config["intermediate_size"])
+    return GraniteArch(
+        model_type=model_type,
+        vocab_size=int(config["vocab_size"]),
+        hidden_size=hidden,
+        num_layers=len(kinds),
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads", heads)),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        intermediate_size=intermediate,
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta),
+        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        embedding_multiplier=float(config.get("embedding_multiplier", 1.0)),
+        attention_multiplier=float(config.get("attention_multiplier", 1.0 / math.sqrt(hidden // heads))),
+        residual_multiplier=float(config.get("residual_multiplier", 1.0)),
+        logits_scaling=float(config.get("logits_scaling", 1.0)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_id=config.get("eos_token_id"),
+        pad_token_id=config.get("pad_token_id"),
+    )
+
+
+def resolve_model(model: str, revision: str | None = None) -> tuple[Path, dict]:
+    """A local folder, or a hub id fetched with huggingface_hub. Returns (folder, source record)."""
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        return path, {"path": str(path.resolve()), "revision": revision}
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            model,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"],
+        )
+    except Exception as exc:  # network or auth: say what we tried
+        raise CheckpointError(
+            f"{model}: not a local folder, and fetching it from the Hugging Face hub failed: {exc}"
+        ) from exc
+    commit = Path(local).name  # snapshot folders are named by commit hash
+    return Path(local), {"hub_id": model, "revision": revision or "main", "commit": commit, "path": local}

@@ -1,0 +1,187 @@
+"""Build the Granite decoder as an ONNX graph of standard ops, straight from the weights.
+
+Why build rather than trace: the graph we want (an in-place fixed-capacity KV
+cache through `TensorScatter`, the standard `Attention`, `RMSNormalization`
+and `RotaryEmbedding` ops of opsets 23/24) is not what `torch.onnx` emits for
+transformers' Granite code, whose cache object and mask helpers also break
+graph capture. Writing the graph directly (as onnxruntime-genai's builder
+does) gives a small, readable graph that TensorRT's parser and ONNX Runtime's
+CPU provider both accept; `validate.py` then proves it against the PyTorch
+model.
+
+Weights are streamed into one external-data file as they are added, so the
+builder never holds a second in-memory copy of a multi-GB model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .checkpoint import GraniteArch
+from .io_spec import cache_names, graph_io
+
+NP_TO_ONNX = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
+EXTERNAL_ALIGN = 4096  # page-aligned offsets let ONNX Runtime mmap the weights
+MIN_OPSET = 24  # TensorScatter
+MAX_OPSET = onnx.defs.onnx_opset_version()
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; big initializers go to the external data file."""
+
+    def __init__(self, data_file, data_location: str):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._data = data_file
+        self._location = data_location
+        self._names: dict[str, int] = {}
+
+    def _fresh(self, hint: str) -> str:
+        n = self._names.get(hint, 0)
+        self._names[hint] = n + 1
+        return hint if n == 0 else f"{hint}_{n}"
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        """Add a weight, stored in the external data file at an aligned offset."""
+        array = np.ascontiguousarray(array)
+        offset = self._data.tell()
+        pad = (-offset) % EXTERNAL_ALIGN
+        if pad:
+            self._data.write(b"\0" * pad)
+            offset += pad
+        self._data.write(array.tobytes())
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self._location), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.initializers.append(tensor)
+        return name
+
+    def const(self, name: str, value, dtype=None) -> str:
+        """A small inline constant (shapes, scalars)."""
+        array = np.asarray(value, dtype=dtype)
+        self.initializers.append(onnx.numpy_helper.from_array(array, self._fresh(name)))
+        return self.initializers[-1].name
+
+    def op(self, op_type: str, inputs: list[str], hint: str, outputs: int = 1, **attrs) -> str | list[str]:
+        names = [self._fresh(f"{hint}" if outputs == 1 else f"{hint}_{i}") for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=self._fresh(f"{hint}/{op_type}"), **attrs))
+        return names[0] if outputs == 1 else names
+
+
+def build_decoder_graph(
+    arch: GraniteArch,
+    get_weight: Callable[[str], np.ndarray],
+    out_dir: Path,
+    opset: int,
+    weight_dtype: str = "float32",
+) -> tuple[Path, Path]:
+    """Write model.onnx + model.onnx.data into out_dir and return their paths.
+
+    get_weight(name) returns a Hugging Face state-dict tensor as a float32
+    numpy array (names as in `GraniteMoeHybridForCausalLM.state_dict()`).
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset: {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} (TensorScatter needs 24)")
+    model_path = out_dir / "model.onnx"
+    data_name = "model.onnx.data"
+    a = arch
+    D, nH, kvH = a.head_dim, a.num_heads, a.num_kv_heads
+    wdt = np.dtype(weight_dtype)
+
+    def w(name):  # HF weights are [out, in]; MatMul wants [in, out]
+        return get_weight(name).astype(wdt, copy=False)
+
+    with open(out_dir / data_name, "wb") as data_file:
+        g = GraphBuilder(data_file, data_name)
+        inputs, outputs = graph_io(a, cache_dtype="float32")
+
+        # Embedding (tied with the output projection when the config says so).
+        embed = g.weight("model.embed_tokens.weight", w("model.embed_tokens.weight"))
+        x = g.op("Gather", [embed, "input_ids"], "embed", axis=0)
+        x = g.op("Mul", [x, g.const("embedding_multiplier", a.embedding_multiplier, np.float32)], "embed_scaled")
+
+        # Shared per-step tensors: rotary cos/sin, the attention mask, the cache write index.
+        inv_freq = 1.0 / (a.rope_theta ** (np.arange(0, D, 2, dtype=np.float32) / D))
+        pos_f = g.op("Cast", ["position_ids"], "pos_f", to=TensorProto.FLOAT)
+        freqs = g.op("Mul", [g.op("Unsqueeze", [pos_f, g.const("axes_last", [-1], np.int64)], "pos_f3"),
+                             g.const("inv_freq", inv_freq.astype(np.float32))], "rope_freqs")
+        cos, sin = g.op("Cos", [freqs], "rope_cos"), g.op("Sin", [freqs], "rope_sin")
+
+        capacity = g.op("Gather", [g.op("Shape", [cache_names(0)[0]], "cache_shape"),
+                                   g.const("two", 2, np.int64)], "cache_capacity", axis=0)
+        kv_pos = g.op("Range", [g.const("zero", 0, np.int64), capacity, g.const("one", 1, np.int64)], "kv_positions")
+        q_pos = g.op("Unsqueeze", ["position_ids", g.const("axes_1_3", [1, 3], np.int64)], "q_positions")  # [B,1,S,1]
+        mask = g.op("LessOrEqual", [kv_pos, q_pos], "attn_mask")  # [B,1,S,cap]: key j visible iff j <= p
+        write_index = g.op("Gather", ["position_ids", g.const("zero_idx", 0, np.int64)], "write_index", axis=1)
+
+        res_mult = g.const("residual_multiplier", a.residual_multiplier, np.float32)
+        shape_q = g.const("shape_q", [0, 0, nH, D], np.int64)
+        shape_kv = g.const("shape_kv", [0, 0, kvH, D], np.int64)
+        shape_merge = g.const("shape_merge", [0, 0, nH * D], np.int64)
+        qkv_split = g.const("qkv_split", [nH * D, kvH * D, kvH * D], np.int64)
+
+        for i in range(a.num_layers):
+            p = f"model.layers.{i}"
+            past_k, past_v, present_k, present_v = cache_names(i)
+            # Attention block.
+            h = g.op("RMSNormalization", [x, g.weight(f"{p}.input_layernorm.weight", w(f"{p}.input_layernorm.weight"))],
+                     f"l{i}/attn_norm", axis=-1, epsilon=a.rms_norm_eps)
+            w_qkv = np.concatenate([w(f"{p}.self_attn.q_proj.weight"), w(f"{p}.self_attn.k_proj.weight"),
+                                    w(f"{p}.self_attn.v_proj.weight")], axis=0).T
+            qkv = g.op("MatMul", [h, g.weight(f"{p}.self_attn.qkv_proj.weight_t", w_qkv)], f"l{i}/qkv")
+            q, k, v = g.op("Split", [qkv, qkv_split], f"l{i}/qkv_split", outputs=3, axis=-1)
+            q = g.op("Transpose", [g.op("Reshape", [q, shape_q], f"l{i}/q4")], f"l{i}/q_bhsd", perm=[0, 2, 1, 3])
+            k = g.op("Transpose", [g.op("Reshape", [k, shape_kv], f"l{i}/k4")], f"l{i}/k_bhsd", perm=[0, 2, 1, 3])
+            v = g.op("Transpose", [g.op("Reshape", [v, shape_kv], f"l{i}/v4")], f"l{i}/v_bhsd", perm=[0, 2, 1, 3])
+            q = g.op("RotaryEmbedding", [q, cos, sin], f"l{i}/q_rope")
+            k = g.op("RotaryEmbedding", [k, cos, sin], f"l{i}/k_rope")
+            g.nodes.append(helper.make_node("TensorScatter", [past_k, k, write_index], [present_k],
+                                            name=f"l{i}/write_key", axis=2))
+            g.nodes.append(helper.make_node("TensorScatter", [past_v, v, write_index], [present_v],
+                                            name=f"l{i}/write_value", axis=2))
+            y = g.op("Attention", [q, present_k, present_v, mask], f"l{i}/attention", scale=a.attention_multiplier)
+            y = g.op("Reshape", [g.op("Transpose", [y], f"l{i}/y_bshd", perm=[0, 2, 1, 3]), shape_merge], f"l{i}/y")
+            o = g.op("MatMul", [y, g.weight(f"{p}.self_attn.o_proj.weight_t", w(f"{p}.self_attn.o_proj.weight").T)],
+                     f"l{i}/o_proj")
+            x = g.op("Add", [x, g.op("Mul", [o, res_mult], f"l{i}/attn_scaled")], f"l{i}/attn_residual")
+            # MLP block: input_linear holds [gate; up], output_linear is down.
+            h = g.op("RMSNormalization", [x, g.weight(f"{p}.post_attention_layernorm.weight",
+                                                       w(f"{p}.post_attention_layernorm.weight"))],
+                     f"l{i}/mlp_norm", axis=-1, epsilon=a.rms_norm_eps)
+            gate_up = g.op("MatMul", [h, g.weight(f"{p}.shared_mlp.input_linear.weight_t",
+                                                  w(f"{p}.shared_mlp.input_linear.weight").T)], f"l{i}/gate_up")
+            gate, up = g.op("Split", [gate_up], f"l{i}/gate_up_split", outputs=2, axis=-1, num_outputs=2)
+            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}/sigmoid")], f"l{i}/silu"), up],
+                       f"l{i}/swiglu")
+            down = g.op("MatMul", [act, g.weight(f"{p}.shared_mlp.output_linear.weight_t",
+                                                 w(f"{p}.shared_mlp.output_linear.weight").T)], f"l{i}/down")
+            x = g.op("Add", [x, g.op("Mul", [down, res_mult], f"l{i}/mlp_scaled")], f"l{i}/mlp_residual")
+
+        x = g.op("RMSNormalization", [x, g.weight("model.norm.weight", w("model.norm.weight"))],
+                 "final_norm", axis=-1, epsilon=a.rms_norm_eps)
+        # Output projection as Gemm(transB=1) so a tied embedding is stored once.
+        lm_head = embed if a.tie_word_embeddings else g.weight("lm_head.weight", w("lm_head.weight"))
+        x2 = g.op("Reshape", [x, g.const("shape_2d", [-1, a.hidden_size], np.int64)], "hidden_2d")
+        logits2 = g.op("Gemm", [x2, lm_head], "logits_2d", transB=1)
+        out_shape = g.op("Concat", [g.op("Shape", ["input_ids"], "ids_shape"),
+                                    g.const("vocab", [a.vocab_size], np.int64)], "logits_shape", axis=0)
+        logits = g.op("Reshape", [logits2, out_shape], "logits_unscaled")
+        g.nodes.append(helper.make_node("Div", [logits, g.const("logits_scaling", a.logits_scaling, np.float32)],
+                                        ["logits"], name="logits/Div"))
+
+    def value_info(spec):
+        return helper.make_tensor_value_info(spec.name, NP_TO_ONNX[spec.dtype], list(spec.shape))
+
+    graph = helper.make_graph(g.nodes, "granite_decoder", [value_info(s) for s in inputs],
+                              [value_info(s) for s in outputs], initializer=g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="granite-deploy")
+    model.ir_version = 11
+    onnx.save_model(model, str(model_path))
+    return model_path, out_dir / data_name

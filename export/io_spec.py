@@ -1,0 +1,73 @@
+"""The exported graph's inputs, outputs and dynamic axes, declared in one place.
+
+Names follow Optimum's decoder convention. The KV cache is a fixed-capacity
+buffer written in place rather than Optimum's concatenated past/present:
+
+- `past_key_values.{i}.key|value` is the whole cache buffer of layer i,
+  [batch, kv_heads, cache_capacity, head_dim]; `cache_capacity` is chosen by
+  the engine and must be >= the largest position written plus one.
+- The new keys/values of the step are written (ONNX `TensorScatter`, opset 24)
+  at positions `position_ids[b, 0] ...` of row b, and `present.{i}.*` is the
+  updated buffer, the same shape as the past. An engine that binds past and
+  present to one buffer gets the update in place: no per-step cache copy.
+- Query token s of row b attends to cache positions 0..position_ids[b, s].
+  A row's cache slots at positions above its length may hold anything (they
+  are masked out), so rows of different lengths share one batch, padded on
+  the right, with no attention mask input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .checkpoint import GraniteArch
+
+# Symbolic dimension names (also written into the manifest).
+BATCH = "batch"
+SEQUENCE = "sequence"
+CACHE_CAPACITY = "cache_capacity"
+
+CACHE_LAYOUT = {
+    "kind": "fixed_capacity_in_place",
+    "tensor_layout": [BATCH, "kv_heads", CACHE_CAPACITY, "head_dim"],
+    "write_position": "position_ids[:, 0]",
+    "write_op": "TensorScatter (opset 24, mode=linear, axis=2)",
+    "attention": "query at position p attends to cache positions 0..p",
+    "in_place": "bind past_key_values.{i}.* and present.{i}.* to the same buffer",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple  # ints for fixed dims, strings for symbolic ones
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def cache_names(layer: int) -> tuple[str, str, str, str]:
+    """(past key, past value, present key, present value) names of one layer."""
+    return (
+        f"past_key_values.{layer}.key",
+        f"past_key_values.{layer}.value",
+        f"present.{layer}.key",
+        f"present.{layer}.value",
+    )
+
+
+def graph_io(arch: GraniteArch, cache_dtype: str = "float32") -> tuple[list[TensorSpec], list[TensorSpec]]:
+    cache_shape = (BATCH, arch.num_kv_heads, CACHE_CAPACITY, arch.head_dim)
+    inputs = [
+        TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
+        TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
+    ]
+    outputs = [TensorSpec("logits", "float32", (BATCH, SEQUENCE, arch.vocab_size))]
+    for i in range(arch.num_layers):
+        past_k, past_v, present_k, present_v = cache_names(i)
+        inputs += [TensorSpec(past_k, cache_dtype, cache_shape), TensorSpec(past_v, cache_dtype, cache_shape)]
+        outputs += [TensorSpec(present_k, cache_dtype, cache_shape), TensorSpec(present_v, cache_dtype, cache_shape)]
+    return inputs, outputs

@@ -1,0 +1,38 @@
+"""Engines run an artifact. `load_engine` picks one and says why."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .base import CacheFull, Chunk, Engine, EngineError, EngineInfo
+
+log = logging.getLogger(__name__)
+ENGINE_CHOICES = ("auto", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda")
+
+
+def load_engine(artifact: str | Path, engine: str = "auto", max_batch: int = 8, max_seq_len: int | None = None,
+                threads: int | None = None) -> Engine:
+    """Open the best engine for this machine: ONNX Runtime CUDA when onnxruntime-gpu is
+    installed, else ONNX Runtime CPU. Logs one line naming the engine and why."""
+    from .onnxruntime_engine import OnnxRuntimeEngine, available_providers
+
+    if engine not in ENGINE_CHOICES:
+        raise ValueError(f"--engine: {engine!r} is not one of {', '.join(ENGINE_CHOICES)}")
+    providers = available_providers()
+    if engine in ("auto", "onnxruntime", "onnxruntime-cuda") and "CUDAExecutionProvider" in providers:
+        provider, reason = "CUDAExecutionProvider", "onnxruntime-gpu is installed (CUDAExecutionProvider available)"
+    elif engine == "onnxruntime-cuda":
+        raise ValueError("--engine: onnxruntime-cuda requested but CUDAExecutionProvider is not available "
+                         "(install onnxruntime-gpu on a CUDA machine)")
+    else:
+        provider = "CPUExecutionProvider"
+        reason = ("requested" if engine == "onnxruntime-cpu"
+                  else "no TensorRT plan and no CUDAExecutionProvider on this machine: CPU fallback")
+    eng = OnnxRuntimeEngine(artifact, max_batch=max_batch, max_seq_len=max_seq_len, threads=threads,
+                            provider=provider, reason=reason)
+    log.info("engine: onnxruntime %s (%s)", provider, reason)
+    return eng
+
+
+__all__ = ["load_engine", "Engine", "EngineInfo", "Chunk", "EngineError", "CacheFull", "ENGINE_CHOICES"]

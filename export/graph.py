@@ -164,13 +164,21 @@ def build_decoder_graph(
                                                  w(f"{p}.shared_mlp.output_linear.weight").T)], f"l{i}/down")
             x = g.op("Add", [x, g.op("Mul", [down, res_mult], f"l{i}/mlp_scaled")], f"l{i}/mlp_residual")
 
+        # Keep the last k positions (k = num_logits_to_keep, 0 = all) before the norm and head.
+        seq_len = g.op("Gather", [g.op("Shape", ["input_ids"], "ids_shape"), g.const("one_idx", [1], np.int64)],
+                       "seq_len", axis=0)
+        keep = g.op("Unsqueeze", ["num_logits_to_keep", g.const("axes_0", [0], np.int64)], "keep_1d")
+        keep = g.op("Where", [g.op("Equal", [keep, g.const("zero_1d", [0], np.int64)], "keep_all"), seq_len, keep],
+                    "keep")
+        start = g.op("Sub", [seq_len, keep], "keep_start")
+        x = g.op("Slice", [x, start, seq_len, g.const("axes_1", [1], np.int64)], "hidden_kept")
         x = g.op("RMSNormalization", [x, g.weight("model.norm.weight", w("model.norm.weight"))],
                  "final_norm", axis=-1, epsilon=a.rms_norm_eps)
         # Output projection as Gemm(transB=1) so a tied embedding is stored once.
         lm_head = embed if a.tie_word_embeddings else g.weight("lm_head.weight", w("lm_head.weight"))
         x2 = g.op("Reshape", [x, g.const("shape_2d", [-1, a.hidden_size], np.int64)], "hidden_2d")
         logits2 = g.op("Gemm", [x2, lm_head], "logits_2d", transB=1)
-        out_shape = g.op("Concat", [g.op("Shape", ["input_ids"], "ids_shape"),
+        out_shape = g.op("Concat", [g.op("Shape", [x], "kept_shape", start=0, end=2),
                                     g.const("vocab", [a.vocab_size], np.int64)], "logits_shape", axis=0)
         logits = g.op("Reshape", [logits2, out_shape], "logits_unscaled")
         g.nodes.append(helper.make_node("Div", [logits, g.const("logits_scaling", a.logits_scaling, np.float32)],
@@ -179,6 +187,9 @@ def build_decoder_graph(
     def value_info(spec):
         return helper.make_tensor_value_info(spec.name, NP_TO_ONNX[spec.dtype], list(spec.shape))
 
+    for spec in inputs:  # optional inputs: an initializer of the same name is the default
+        if spec.default is not None:
+            g.const(spec.name, spec.default, np.dtype(spec.dtype))
     graph = helper.make_graph(g.nodes, "granite_decoder", [value_info(s) for s in inputs],
                               [value_info(s) for s in outputs], initializer=g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="granite-deploy")

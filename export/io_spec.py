@@ -42,10 +42,13 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name
     shape: tuple  # ints for fixed dims, strings for symbolic ones
+    default: int | None = None  # optional input: an initializer gives this value when not fed
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if self.default is None:
+            del d["default"]
         return d
 
 
@@ -64,8 +67,12 @@ def graph_io(arch: GraniteArch, cache_dtype: str = "float32") -> tuple[list[Tens
     inputs = [
         TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
         TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
+        # Optional: logits only for the last k positions (0 = all). Engines pass 1
+        # when prefilling one sequence, which skips the vocabulary projection of
+        # every prompt token but the last.
+        TensorSpec("num_logits_to_keep", "int64", (), default=0),
     ]
-    outputs = [TensorSpec("logits", "float32", (BATCH, SEQUENCE, arch.vocab_size))]
+    outputs = [TensorSpec("logits", "float32", (BATCH, "kept_positions", arch.vocab_size))]
     for i in range(arch.num_layers):
         past_k, past_v, present_k, present_v = cache_names(i)
         inputs += [TensorSpec(past_k, cache_dtype, cache_shape), TensorSpec(past_v, cache_dtype, cache_shape)]

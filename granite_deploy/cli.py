@@ -44,6 +44,83 @@ def _cmd_demo(args) -> int:
     return run_demo(args.workdir, keep=args.keep)
 
 
+def _add_sampling_args(p) -> None:
+    g = p.add_argument_group("sampling and stopping (greedy by default)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--min-new-tokens", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--typical-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    g.add_argument("--time-limit-ms", type=int, default=0)
+
+
+def _request_params(args):
+    from .serve.sampling import SamplingParams
+    from .serve.stopping import StoppingParams
+
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              typical_p=args.typical_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    stopping = StoppingParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                              stop_sequences=tuple(args.stop),
+                              time_limit_s=args.time_limit_ms / 1000 if args.time_limit_ms else None)
+    return sampling, stopping
+
+
+def _cmd_render(args) -> int:
+    from .serve.generate import render_prompt
+    from .serve.tokenizer import GraniteTokenizer
+
+    tokenizer = GraniteTokenizer.from_dir(args.artifact)
+    sys.stdout.write(render_prompt(tokenizer, chat=args.chat, tools=args.tools, documents=args.documents))
+    sys.stdout.flush()
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import time
+
+    from .artifact import load_manifest
+    from .engines import load_engine
+    from .serve.generate import render_prompt, stream
+    from .serve.scheduler import Request, Scheduler
+    from .serve.tokenizer import GraniteTokenizer
+
+    load_manifest(args.artifact)
+    tokenizer = GraniteTokenizer.from_dir(args.artifact)
+    text = render_prompt(tokenizer, prompt=args.prompt, chat=args.chat, tools=args.tools, documents=args.documents)
+    sampling, stopping = _request_params(args)
+    engine = load_engine(args.artifact, engine=args.engine, max_batch=1, threads=args.threads)
+    scheduler = Scheduler(engine, tokenizer).start()
+    start = time.perf_counter()
+    first = None
+    try:
+        for event in stream(scheduler, Request(tuple(tokenizer.encode(text)), sampling, stopping)):
+            if event.kind == "token":
+                first = first or time.perf_counter()
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif event.kind == "final":
+                final = event
+    finally:
+        scheduler.shutdown()
+    end = time.perf_counter()
+    sys.stdout.write("\n")
+    if final.error:
+        print(f"granite-deploy generate: error: {final.error}", file=sys.stderr)
+        return 1
+    decode_s = end - (first or end)
+    rate = (final.generated_count - 1) / decode_s if final.generated_count > 1 and decode_s > 0 else 0.0
+    print(f"prompt tokens: {final.prompt_token_count}, generated tokens: {final.generated_count}, "
+          f"stop: {final.stop_reason.name}, seed: {final.seed}, time to first token: "
+          f"{(first or end) - start:.3f} s, decode: {rate:.1f} tokens/s  [{engine.info.kind} "
+          f"{engine.info.device} {engine.info.precision}]", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {}
 
 
@@ -73,6 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="folder for the checkpoint and artifact (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work folder")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("generate", help="stream a completion from an artifact to stdout (stats to stderr)")
+    p.add_argument("artifact")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="raw prompt text (no chat template)")
+    src.add_argument("--chat", help="JSON file: list of {role, content} messages")
+    p.add_argument("--tools", help="JSON file: list of tools (OpenAI function schema)")
+    p.add_argument("--documents", help="JSON file: list of documents")
+    p.add_argument("--engine", default="auto", help="auto, onnxruntime-cpu, onnxruntime-cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    _add_sampling_args(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("render", help="print the exact prompt the chat template makes (nothing else)")
+    p.add_argument("artifact")
+    p.add_argument("--chat", required=True, help="JSON file: list of {role, content} messages")
+    p.add_argument("--tools", help="JSON file: list of tools")
+    p.add_argument("--documents", help="JSON file: list of documents")
+    p.set_defaults(func=_cmd_render)
 
     for name, (register, _) in COMMANDS.items():
         register(sub)

@@ -1,0 +1,498 @@
+"""Engine-independent token sampling (numpy only).
+
+Every engine hands back next-token logits as a float32 ``[vocab]`` array per
+sequence per step; :class:`TokenSampler` turns them into a token, one request
+at a time.
+
+Processing order follows Hugging Face ``generate``:
+
+    (min-new-tokens suppression) -> repetition penalty -> temperature
+    -> top_k -> top_p -> typical_p -> draw from the softmax
+
+Greedy decoding (``temperature == 0``) is the argmax of the penalised logits;
+top_k / top_p / typical_p are ignored there, as in HF with ``do_sample=False``.
+
+Cost per token at vocab ~100k is a handful of vectorised O(vocab) passes;
+top_p / typical_p never sort the whole vocabulary unless the kept set is
+itself that large: they ``argpartition`` a candidate block, sort only that
+block, and grow it geometrically until the cumulative mass is reached.
+
+Reproducibility: each request owns one ``numpy.random.Generator(PCG64(seed))``
+and every non-greedy :meth:`TokenSampler.sample` call consumes exactly one
+uniform draw from it, so a request's tokens depend only on its seed and its
+own logits, never on what else is batched with it.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "MAX_TOP_N_TOKENS",
+    "SampledToken",
+    "SamplingParams",
+    "TokenSampler",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "suppress_tokens",
+    "top_k_filter",
+    "top_p_filter",
+    "typical_p_filter",
+]
+
+MAX_TOP_N_TOKENS = 5
+_MAX_SEED = 2**64 - 1
+# First block size for the partial sorts of top_p / typical_p; grown x8.
+_BLOCK = 256
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings.
+
+    ``temperature == 0`` means greedy. ``top_k == 0``, ``top_p`` / ``typical_p``
+    in ``{0, 1}`` and ``repetition_penalty`` in ``{0, 1}`` mean "off".
+    ``seed=None`` lets :class:`TokenSampler` draw one (reported as ``.seed``).
+    ``logprobs`` asks for the chosen token's logprob and rank;
+    ``top_n_tokens`` (0..5) for the n most likely alternatives.
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    logprobs: bool = False
+    top_n_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def top_p_active(self) -> bool:
+        return 0 < self.top_p < 1
+
+    @property
+    def typical_p_active(self) -> bool:
+        return 0 < self.typical_p < 1
+
+    @property
+    def repetition_penalty_active(self) -> bool:
+        return self.repetition_penalty not in (0, 1)
+
+    def validate(self) -> SamplingParams:
+        """Raise ``ValueError("<field>: ...")`` on the first bad field; return self."""
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature: must be a finite number >= 0, got {t!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k: must be an integer >= 0, got {self.top_k!r}")
+        for name in ("top_p", "typical_p"):
+            v = getattr(self, name)
+            if not _is_real(v) or not (0 <= v <= 1):  # NaN fails the comparison
+                raise ValueError(f"{name}: must be in [0, 1], got {v!r}")
+        rp = self.repetition_penalty
+        if not _is_real(rp) or not math.isfinite(rp) or rp < 0:
+            raise ValueError(f"repetition_penalty: must be a finite number >= 0, got {rp!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not (0 <= self.seed <= _MAX_SEED)):
+            raise ValueError(f"seed: must be an integer in [0, 2**64-1] or None, got {self.seed!r}")
+        if not isinstance(self.logprobs, (bool, np.bool_)):
+            raise ValueError(f"logprobs: must be a bool, got {self.logprobs!r}")
+        n = self.top_n_tokens
+        if not _is_int(n) or not (0 <= n <= MAX_TOP_N_TOKENS):
+            raise ValueError(f"top_n_tokens: must be an integer in [0, {MAX_TOP_N_TOKENS}], got {n!r}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    """One sampled token.
+
+    ``logprob`` / ``rank`` (1-based) are set when ``SamplingParams.logprobs``;
+    ``top_tokens`` holds ``top_n_tokens`` ``(token_id, logprob)`` pairs, most
+    likely first (ties by lower token id). The distribution they describe is
+    the raw log-softmax for greedy and the penalised, temperature-scaled
+    log-softmax (before top_k/top_p/typical_p truncation) for sampling.
+    """
+
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top_tokens: list[tuple[int, float]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- #
+# Stateless logits processors (full-vocab in, full-vocab out).
+# --------------------------------------------------------------------------- #
+
+
+def _ids_array(ids: Iterable[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+    """Token ids as int64, dropping ids outside ``[0, vocab_size)`` (they cannot be generated)."""
+    if isinstance(ids, np.ndarray):
+        arr = ids.astype(np.int64, copy=False).ravel()
+    elif isinstance(ids, (set, frozenset)):
+        arr = np.fromiter(ids, dtype=np.int64, count=len(ids))
+    else:
+        arr = np.asarray(ids if isinstance(ids, Sequence) else list(ids), dtype=np.int64).ravel()
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        arr = arr[(arr >= 0) & (arr < vocab_size)]
+    return arr
+
+
+def suppress_tokens(logits: np.ndarray, ids: Iterable[int], *, inplace: bool = False) -> np.ndarray:
+    """Set ``logits[ids] = -inf`` (e.g. stop tokens before ``min_new_tokens``).
+
+    Returns a float32 copy unless ``inplace``; ids outside the vocabulary are ignored.
+    """
+    out = logits if inplace else np.array(logits, dtype=np.float32, copy=True)
+    idx = _ids_array(ids, out.shape[-1])
+    if idx.size:
+        out[..., idx] = -np.inf
+    return out
+
+
+def apply_repetition_penalty(
+    logits: np.ndarray, context_token_ids: Iterable[int], penalty: float
+) -> np.ndarray:
+    """HF ``RepetitionPenaltyLogitsProcessor``: over every token id seen in the
+    context, positive logits are divided by ``penalty`` and negative ones
+    multiplied. Returns a float32 copy; ``penalty`` 0 or 1 is a no-op."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if penalty in (0, 1):
+        return out
+    idx = _ids_array(context_token_ids, out.shape[-1])
+    if idx.size:
+        _penalise(out, idx, penalty)
+    return out
+
+
+def _penalise(out: np.ndarray, idx: np.ndarray, penalty: float) -> None:
+    sel = out[idx]
+    out[idx] = np.where(sel < 0, sel * np.float32(penalty), sel / np.float32(penalty))
+
+
+def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``logits / temperature`` in float64 (temperature must be > 0)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0 to scale logits, got {temperature!r}")
+    out = np.asarray(logits, dtype=np.float64)
+    return out / temperature if temperature != 1 else out.copy()
+
+
+def _mask_outside(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    out = np.full(logits.shape, -np.inf, dtype=logits.dtype)
+    out[keep] = logits[keep]
+    return out
+
+
+def top_k_filter(logits: np.ndarray, top_k: int) -> np.ndarray:
+    """HF ``TopKLogitsWarper``: -inf for every logit below the k-th largest (ties kept)."""
+    x = np.asarray(logits)
+    if top_k <= 0 or top_k >= x.shape[-1]:
+        return x.copy()
+    return _mask_outside(x, _top_k_keep(x, top_k))
+
+
+def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
+    """HF ``TopPLogitsWarper``: keep the smallest most-likely set whose mass reaches ``top_p``."""
+    x = np.asarray(logits)
+    if not 0 < top_p < 1:
+        return x.copy()
+    return _mask_outside(x, _top_p_keep(x, top_p))
+
+
+def typical_p_filter(logits: np.ndarray, typical_p: float) -> np.ndarray:
+    """HF ``TypicalLogitsWarper`` (locally typical sampling, mass ``typical_p``)."""
+    x = np.asarray(logits)
+    if not 0 < typical_p < 1:
+        return x.copy()
+    return _mask_outside(x, _typical_keep(x, typical_p))
+
+
+# --------------------------------------------------------------------------- #
+# Index-returning kernels shared by the filters and the sampler. Each takes a
+# 1-D array of finite or -inf logits and returns kept positions, ascending.
+# --------------------------------------------------------------------------- #
+
+
+def _superset(key: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """Ascending positions of every element at least as extreme as the k-th
+    most extreme one (largest or smallest) - a prefix of the full order, ties
+    included, with at least ``min(k, n)`` elements.
+
+    The k-th most extreme value of a strided subsample is no more extreme than
+    the overall k-th, so it is a safe threshold: one O(n) comparison plus a
+    partition of ~sqrt(k*n) elements instead of an O(n) argpartition of
+    everything (several times faster at n = 100k).
+    """
+    n = key.size
+    if k >= n:
+        return np.arange(n)
+    stride = n // max(k, math.isqrt(k * n))
+    if stride >= 2:
+        sub = key[::stride]
+    else:
+        sub = key
+    m = sub.size
+    if largest:
+        thr = np.partition(sub, m - k)[m - k]
+        return np.flatnonzero(key >= thr)
+    thr = np.partition(sub, k - 1)[k - 1]
+    return np.flatnonzero(key <= thr)
+
+
+def _top_k_keep(x: np.ndarray, k: int) -> np.ndarray:
+    cand = _superset(x, k, largest=True)
+    v = x[cand]
+    if cand.size > k:  # the true k-th largest lies inside cand
+        kth = np.partition(v, v.size - k)[v.size - k]
+        cand = cand[v >= kth]
+    return cand
+
+
+def _sorted_prefix(key: np.ndarray, weights: np.ndarray, target: float, largest: bool) -> tuple[np.ndarray, int]:
+    """Positions in ``key`` order (descending if ``largest``), only as far as needed.
+
+    Returns ``(order, j)``: ``order`` is a prefix of the full stable ordering and
+    ``j`` the first index with ``cumsum(weights[order])[j] >= target`` (float64
+    sums), or ``len(order) == len(key)`` and ``j == len(key)`` when the total
+    never reaches it.
+    """
+    n = key.size
+    k = min(n, _BLOCK)
+    while True:
+        cand = _superset(key, k, largest)
+        v = key[cand]
+        order = cand[np.argsort(-v if largest else v, kind="stable")]
+        cum = np.cumsum(weights[order].astype(np.float64))
+        j = int(np.searchsorted(cum, target, side="left"))
+        if j < order.size or order.size == n:
+            return order, j
+        k = min(n, max(k * 8, order.size * 2))
+
+
+def _softmax_parts(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``(w, total, m)`` with ``w = exp(x - m)`` (x's dtype), ``m = max(x)``, float64 ``total``."""
+    m = float(x.max())
+    w = np.exp(x - x.dtype.type(m))
+    return w, float(w.sum(dtype=np.float64)), m
+
+
+def _top_p_keep(x: np.ndarray, top_p: float) -> np.ndarray:
+    # Keep token i iff the mass strictly more likely than i is < top_p: the
+    # descending prefix through the first token where the running mass reaches
+    # top_p (== HF's "ascending cumsum <= 1 - top_p is removed").
+    w, total, _ = _softmax_parts(x)
+    order, j = _sorted_prefix(x, w, top_p * total, largest=True)
+    return np.sort(order[: j + 1])
+
+
+def _typical_keep(x: np.ndarray, mass: float) -> np.ndarray:
+    w, total, m = _softmax_parts(x)
+    f = x.dtype.type
+    p = w / f(total)
+    logp = (x - f(m)) - f(math.log(total))
+    # entropy; -inf logits have p == 0 and must contribute 0, not NaN
+    ent = -float(np.dot(p.astype(np.float64), np.maximum(logp, f(-1e30)).astype(np.float64)))
+    shifted = np.abs(-logp - f(ent))  # +inf for -inf logits
+    order, j = _sorted_prefix(shifted, p, mass, largest=False)
+    thr = shifted[order[min(j, x.size - 1)]]
+    return np.flatnonzero(shifted <= thr)
+
+
+def _log_sum_exp(dist: np.ndarray) -> float:
+    """log-sum-exp of ``dist`` (float32 or float64), accumulated in float64."""
+    _, total, m = _softmax_parts(dist)
+    return m + math.log(total)
+
+
+def _pick(w: np.ndarray, u: float) -> int:
+    """Inverse-CDF draw from non-negative weights ``w`` with ``u`` in [0, 1).
+
+    Sums run in float64 over 1024-wide blocks (block sums, then a cumsum
+    inside the one block that holds the target), far cheaper than a
+    full-length cumsum at vocab size. Zero-weight entries are never picked.
+    """
+    n = w.size
+    block = 1024
+    if n <= block:
+        cum = np.cumsum(w.astype(np.float64))
+        base = 0
+        target = u * float(cum[-1])
+    else:
+        sums = np.add.reduceat(w, np.arange(0, n, block), dtype=np.float64)
+        csum = np.cumsum(sums)
+        target = u * float(csum[-1])
+        b = min(int(np.searchsorted(csum, target, side="right")), sums.size - 1)
+        while b > 0 and sums[b] == 0:  # only reachable through rounding at the very top
+            b -= 1
+        base = b * block
+        target -= float(csum[b - 1]) if b else 0.0
+        cum = np.cumsum(w[base : base + block].astype(np.float64))
+    i = int(np.searchsorted(cum, target, side="right"))
+    if i >= cum.size:  # target rounded up to the block total
+        i = int(np.flatnonzero(w[base : base + cum.size])[-1])
+    return base + i
+
+
+# --------------------------------------------------------------------------- #
+# Per-request sampler.
+# --------------------------------------------------------------------------- #
+
+
+class TokenSampler:
+    """Per-request sampler: owns the request's RNG and its seen-token cache.
+
+    ``sample(logits, context_token_ids)``: ``context_token_ids`` is the
+    request's prompt + generated ids so far (list, tuple or int ndarray); it is
+    only read when a repetition penalty is set. It is assumed to grow by
+    appending between calls (true for a decoding request): only the new tail is
+    scanned each step, so the penalty costs O(new tokens + seen ids) instead of
+    O(context). A shorter context, or one whose last previously-seen id
+    differs, rebuilds the cache from scratch.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int):
+        params.validate()
+        if not _is_int(vocab_size) or vocab_size < 1:
+            raise ValueError(f"vocab_size: must be an integer >= 1, got {vocab_size!r}")
+        self.params = params
+        self.vocab_size = int(vocab_size)
+        self.seed: int = params.seed if params.seed is not None else secrets.randbits(64)
+        self._rng = np.random.Generator(np.random.PCG64(self.seed))
+        # repetition-penalty cache
+        self._seen_mask: np.ndarray | None = None
+        self._seen_ids = np.empty(0, dtype=np.int64)
+        self._seen_count = 0  # ids of the buffer in use
+        self._ctx_len = 0
+        self._ctx_last: int | None = None
+
+    # -- repetition penalty context --------------------------------------- #
+
+    def _seen(self, context: Sequence[int] | np.ndarray) -> np.ndarray:
+        n = len(context)
+        if self._seen_mask is None:
+            self._seen_mask = np.zeros(self.vocab_size, dtype=bool)
+            self._seen_ids = np.empty(min(self.vocab_size, 1024), dtype=np.int64)
+        if n < self._ctx_len or (self._ctx_len and int(context[self._ctx_len - 1]) != self._ctx_last):
+            self._seen_mask[self._seen_ids[: self._seen_count]] = False
+            self._seen_count = 0
+            self._ctx_len = 0
+        if n > self._ctx_len:
+            new = _ids_array(context[self._ctx_len :], self.vocab_size)
+            if new.size:
+                new = np.unique(new)
+                new = new[~self._seen_mask[new]]
+            if new.size:
+                self._seen_mask[new] = True
+                need = self._seen_count + new.size
+                if need > self._seen_ids.size:
+                    grown = np.empty(min(self.vocab_size, max(need, 2 * self._seen_ids.size)), np.int64)
+                    grown[: self._seen_count] = self._seen_ids[: self._seen_count]
+                    self._seen_ids = grown
+                self._seen_ids[self._seen_count : need] = new
+                self._seen_count = need
+            self._ctx_len = n
+            self._ctx_last = int(context[n - 1])
+        return self._seen_ids[: self._seen_count]
+
+    # -- main entry -------------------------------------------------------- #
+
+    def sample(
+        self,
+        logits: np.ndarray,
+        context_token_ids: Sequence[int] | np.ndarray | None = None,
+        *,
+        suppress_token_ids: Iterable[int] | None = None,
+    ) -> SampledToken:
+        """Pick the next token from one sequence's ``[vocab]`` logits.
+
+        ``suppress_token_ids`` (e.g. ``StoppingCriteria.suppressed_token_ids(n)``
+        before ``min_new_tokens``) are set to -inf first; the "raw"
+        distribution reported for greedy is the one after this mask.
+        """
+        p = self.params
+        x = np.asarray(logits)
+        if x.shape != (self.vocab_size,):
+            raise ValueError(f"logits: expected shape ({self.vocab_size},), got {x.shape}")
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        if suppress_token_ids is not None:
+            sup = _ids_array(suppress_token_ids, self.vocab_size)
+            if sup.size:
+                x = x.copy()
+                x[sup] = -np.inf
+        if not math.isfinite(float(x.max())):  # NaN / +inf anywhere, or everything -inf
+            raise ValueError("logits: contain NaN/+inf or no finite value")
+
+        pen = x
+        if p.repetition_penalty_active and context_token_ids is not None and len(context_token_ids):
+            seen = self._seen(context_token_ids)
+            if seen.size:
+                pen = x.copy()
+                _penalise(pen, seen, p.repetition_penalty)
+
+        if p.greedy:
+            token = int(np.argmax(pen))
+            dist = x
+        else:
+            # processed logits, shifted so the max is 0: (pen - max) / T never
+            # overflows, even for tiny temperatures; softmax is shift-invariant
+            z = pen - pen.max()
+            if p.temperature != 1:
+                t32 = np.float32(p.temperature)
+                if t32 > 0:
+                    z /= t32
+                else:  # below float32's smallest subnormal: the limit is greedy
+                    z = np.where(z < 0, np.float32(-np.inf), np.float32(0))
+            token = self._draw(z)
+            dist = z
+
+        if not (p.logprobs or p.top_n_tokens):
+            return SampledToken(token)
+        lse = _log_sum_exp(dist)
+        logprob = rank = None
+        if p.logprobs:
+            logprob = float(dist[token]) - lse
+            rank = 1 + int(np.count_nonzero(dist > dist[token]))
+        top: list[tuple[int, float]] = []
+        if p.top_n_tokens:
+            n = min(p.top_n_tokens, dist.size)
+            cand = _superset(dist, n, largest=True)
+            cand = cand[np.lexsort((cand, -dist[cand]))][:n]
+            top = [(int(i), float(dist[i]) - lse) for i in cand]
+        return SampledToken(token, logprob, rank, top)
+
+    def _draw(self, z: np.ndarray) -> int:
+        p = self.params
+        idx: np.ndarray | None = None
+        vals = z
+        if 0 < p.top_k < vals.size:
+            idx = _top_k_keep(vals, p.top_k)
+            vals = vals[idx]
+        if p.top_p_active and vals.size > 1:
+            keep = _top_p_keep(vals, p.top_p)
+            idx = keep if idx is None else idx[keep]
+            vals = vals[keep]
+        if p.typical_p_active and vals.size > 1:
+            keep = _typical_keep(vals, p.typical_p)
+            idx = keep if idx is None else idx[keep]
+            vals = vals[keep]
+        u = self._rng.random()  # exactly one draw per step, whatever the path
+        i = _pick(np.exp(vals - vals.max()), u)
+        return int(i if idx is None else idx[i])

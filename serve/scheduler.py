@@ -1,0 +1,322 @@
+"""Continuous batching over the engine interface.
+
+One thread owns the engine. Each iteration it admits waiting requests into
+free cache slots, drops cancelled or timed-out ones (freeing their slots at
+once), builds one step (a decode token for every running sequence plus up to
+`prefill_chunk` prompt tokens of the sequences still prefilling, oldest
+first), runs it, and turns each sequence's logits into a token, text and
+maybe a stop. Requests join the batch at the next step and leave the moment
+they finish, so a long prompt stalls running streams for at most one chunk.
+
+Everything the caller sees is an `Event` (plain data) handed to the request's
+sink from the scheduler thread; the gRPC layer forwards events to asyncio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..engines.base import Chunk, Engine, EngineError
+from .detokenizer import IncrementalDetokenizer
+from .sampling import SampledToken, SamplingParams, TokenSampler
+from .stopping import StoppingCriteria, StoppingParams, StopReason, StopSequenceMatcher
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The queue is full: the caller should answer RESOURCE_EXHAUSTED."""
+
+
+class ShuttingDown(Exception):
+    """The scheduler is draining and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams = SamplingParams()
+    stopping: StoppingParams = StoppingParams()
+    request_id: str = ""
+
+
+@dataclass
+class Event:
+    kind: str  # "start" | "token" | "final"
+    text: str = ""
+    token: SampledToken | None = None
+    token_text: str = ""
+    generated_count: int = 0
+    prompt_token_count: int = 0
+    seed: int | None = None
+    stop_reason: StopReason = StopReason.NOT_FINISHED
+    stop_sequence: str = ""
+    queue_time_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    error: str = ""
+
+
+def validate_request(request: Request, context_window: int) -> None:
+    """Raise ValueError naming the field for a request the engine cannot run."""
+    n = len(request.prompt_ids)
+    if n == 0:
+        raise ValueError("prompt: is empty (it must encode to at least one token)")
+    if n >= context_window:
+        raise ValueError(
+            f"prompt: {n} tokens does not fit the context window of {context_window} tokens "
+            "(at least one token must remain to generate)"
+        )
+    request.sampling.validate()
+    request.stopping.validate()
+
+
+@dataclass(eq=False)
+class _Sequence:
+    seq_id: int
+    request: Request
+    sink: Callable[[Event], None]
+    sampler: TokenSampler
+    criteria: StoppingCriteria
+    detok: IncrementalDetokenizer
+    matcher: StopSequenceMatcher
+    arrival: float
+    admitted: float = 0.0
+    first_token: float = 0.0
+    cached: int = 0  # tokens in the engine's cache
+    output: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def prefilling(self) -> bool:
+        return self.cached < len(self.request.prompt_ids)
+
+    def pending(self, budget: int) -> tuple[int, ...]:
+        if self.prefilling:
+            return tuple(self.request.prompt_ids[self.cached : self.cached + budget])
+        return (self.output[-1],)
+
+
+class Ticket:
+    """The caller's handle on a submitted request."""
+
+    def __init__(self, scheduler: "Scheduler", seq: _Sequence):
+        self._scheduler, self._seq = scheduler, seq
+
+    @property
+    def seed(self) -> int:
+        return self._seq.sampler.seed
+
+    def cancel(self) -> None:
+        """Stop generating within one engine step; the sink gets a CANCELLED final event."""
+        self._seq.cancelled = True
+        self._scheduler._wake()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        max_queue: int = 64,
+        max_running: int | None = None,
+        prefill_chunk: int = 256,
+        on_step: Callable[[dict], None] | None = None,
+    ):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.max_running = min(max_running or engine.info.max_batch, engine.info.max_batch)
+        self.prefill_chunk = prefill_chunk
+        self.context_window = engine.info.max_seq_len
+        self.on_step = on_step  # metrics hook: called with counts after every step
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._accepting = True
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.stop_token_ids = frozenset(tokenizer.stop_token_ids)
+
+    # --- public API (any thread) ----------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._loop, name="granite-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def submit(self, request: Request, sink: Callable[[Event], None]) -> Ticket:
+        """Queue a request; raises ValueError (bad field), Overloaded or ShuttingDown."""
+        if request.stopping.stop_token_ids:
+            stopping = request.stopping
+        else:
+            stopping = StoppingParams(**{**request.stopping.__dict__, "stop_token_ids": self.stop_token_ids})
+            request = Request(request.prompt_ids, request.sampling, stopping, request.request_id)
+        validate_request(request, self.context_window)
+        vocab = self.engine.info.vocab_size
+        if max(request.prompt_ids) >= vocab or min(request.prompt_ids) < 0:
+            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        now = time.monotonic()
+        seq = _Sequence(
+            seq_id=next(self._ids),
+            request=request,
+            sink=sink,
+            sampler=TokenSampler(request.sampling, vocab),
+            criteria=StoppingCriteria(stopping, self.context_window, len(request.prompt_ids), start_time=now),
+            detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
+            matcher=StopSequenceMatcher(stopping.stop_sequences, stopping.include_stop_sequence),
+            arrival=now,
+        )
+        with self._lock:
+            if not self._accepting:
+                raise ShuttingDown("server is shutting down")
+            free = self.max_running - len(self._running)
+            if len(self._waiting) - max(free, 0) >= self.max_queue:
+                raise Overloaded(
+                    f"{len(self._running)} requests running and {len(self._waiting)} queued (limit {self.max_queue})"
+                )
+            self._waiting.append(seq)
+            self._lock.notify()
+        return Ticket(self, seq)
+
+    def counts(self) -> dict:
+        with self._lock:
+            return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not self._running and not self._waiting
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Cancel everything and stop the thread."""
+        with self._lock:
+            self._accepting = False
+            for seq in list(self._waiting) + self._running:
+                seq.cancelled = True
+            self._stopped = True
+            self._lock.notify()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify()
+
+    # --- the loop (scheduler thread) ----------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopped and not self._waiting and not self._running:
+                    self._lock.wait()
+                if self._stopped and not self._waiting and not self._running:
+                    return
+                self._admit()
+            self._drop_finished_early()
+            if self._running:
+                self._step()
+            if self._stopped:
+                for seq in list(self._running):
+                    self._finish(seq, StopReason.CANCELLED)
+                with self._lock:
+                    for seq in list(self._waiting):
+                        self._waiting.remove(seq)
+                        self._emit_final(seq, StopReason.CANCELLED)
+            if self.on_step:
+                self.on_step(self.counts())
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_running:
+            seq = self._waiting.popleft()
+            if seq.cancelled:
+                self._emit_final(seq, StopReason.CANCELLED)
+                continue
+            self.engine.reserve(seq.seq_id)
+            seq.admitted = time.monotonic()
+            self._running.append(seq)
+            seq.sink(Event("start", prompt_token_count=len(seq.request.prompt_ids), seed=seq.sampler.seed,
+                           queue_time_s=seq.admitted - seq.arrival))
+
+    def _drop_finished_early(self) -> None:
+        now = time.monotonic()
+        for seq in list(self._running):
+            if seq.cancelled:
+                self._finish(seq, StopReason.CANCELLED)
+            elif seq.criteria.time_exceeded(now):
+                self._finish(seq, StopReason.TIME_LIMIT)
+
+    def _step(self) -> None:
+        chunks, seqs = [], []
+        budget = self.prefill_chunk
+        for seq in self._running:
+            if seq.prefilling:
+                if budget <= 0:
+                    continue
+                tokens = seq.pending(budget)
+                budget -= len(tokens)
+            else:
+                tokens = seq.pending(1)
+            chunks.append(Chunk(seq.seq_id, tokens, seq.cached))
+            seqs.append(seq)
+        try:
+            logits = self.engine.step(chunks)
+        except EngineError as exc:
+            log.error("engine step failed for %d sequences: %s", len(seqs), exc)
+            for seq in seqs:
+                self._finish(seq, StopReason.ERROR, error=str(exc))
+            return
+        for seq, chunk, row in zip(seqs, chunks, logits):
+            seq.cached += len(chunk.token_ids)
+            if not seq.prefilling:
+                self._advance(seq, row)
+
+    def _advance(self, seq: _Sequence, logits) -> None:
+        n = len(seq.output)
+        sampled = seq.sampler.sample(
+            logits,
+            list(seq.request.prompt_ids) + seq.output if seq.request.sampling.repetition_penalty_active else None,
+            suppress_token_ids=seq.criteria.suppressed_token_ids(n),
+        )
+        now = time.monotonic()
+        if not seq.output:
+            seq.first_token = now
+        seq.output.append(sampled.token_id)
+        reason = seq.criteria.check(sampled.token_id, n + 1, now)
+        delta = seq.detok.push(sampled.token_id)
+        if reason != StopReason.NOT_FINISHED:  # last token: release bytes the detokenizer held back
+            delta += seq.detok.flush()
+        text, matched = seq.matcher.feed(delta)
+        if matched is not None:
+            reason = StopReason.STOP_SEQUENCE
+        elif reason != StopReason.NOT_FINISHED:
+            text += seq.matcher.flush()
+        token_text = self.tokenizer.decode([sampled.token_id]) if seq.request.sampling.logprobs else ""
+        seq.sink(Event("token", text=text, token=sampled, token_text=token_text, generated_count=n + 1))
+        if reason != StopReason.NOT_FINISHED:
+            self._finish(seq, reason, stop_sequence=matched or "")
+
+    def _finish(self, seq: _Sequence, reason: StopReason, stop_sequence: str = "", error: str = "") -> None:
+        if seq.done:
+            return
+        seq.done = True
+        if seq in self._running:
+            self._running.remove(seq)
+        self.engine.release(seq.seq_id)
+        self._emit_final(seq, reason, stop_sequence, error)
+
+    def _emit_final(self, seq: _Sequence, reason: StopReason, stop_sequence: str = "", error: str = "") -> None:
+        seq.done = True
+        ttft = (seq.first_token - seq.arrival) if seq.first_token else 0.0
+        queue = ((seq.admitted or time.monotonic()) - seq.arrival)
+        seq.sink(Event("final", generated_count=len(seq.output), prompt_token_count=len(seq.request.prompt_ids),
+                       seed=seq.sampler.seed, stop_reason=reason, stop_sequence=stop_sequence,
+                       queue_time_s=queue, time_to_first_token_s=ttft, error=error))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import shutil
 import time
@@ -14,9 +15,17 @@ from ..artifact import FORMAT, FORMAT_VERSION, ArtifactError, file_records, stag
 from .checkpoint import CheckpointError, arch_from_config, read_config, resolve_model
 from .graph import MAX_OPSET, MIN_OPSET, build_decoder_graph
 from .io_spec import CACHE_LAYOUT, graph_io
+from .validate import MIN_HALF_DECODE_STEPS
 
+log = logging.getLogger(__name__)
 DTYPES = ("fp32", "fp16", "bf16")
-SUPPORTED_DTYPES = ("fp32",)
+SUPPORTED_DTYPES = ("fp32", "fp16", "bf16")
+# Export dtype -> the graph's weight/KV-cache dtype (numpy name, as written in the manifest).
+WEIGHT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEFAULT_DECODE_STEPS = {"fp32": 16, "fp16": 32, "bf16": 32}
+# Attention softmax in float32 for half graphs (Attention's softmax_precision). Chosen by measurement:
+# see the "softmax" note in docs/verified.md and tests/test_precision.py.
+SOFTMAX_FP32 = True
 # Checkpoint files copied unchanged: config, generation config, tokenizer and chat template.
 COPIED_FILES = (
     "config.json",
@@ -36,14 +45,14 @@ class ExportError(Exception):
     """Export failed; nothing was written at the output path."""
 
 
-def check_options(dtype: str, opset: int) -> None:
+def check_options(dtype: str, opset: int, decode_steps: int | None = None) -> None:
     if dtype not in DTYPES:
         raise ExportError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     if dtype not in SUPPORTED_DTYPES:
-        raise ExportError(
-            f"--dtype: {dtype} export is not implemented yet (planned with the FP16/INT8 TensorRT work); "
-            "use --dtype fp32"
-        )
+        raise ExportError(f"--dtype: {dtype} export is not implemented yet; use one of {', '.join(SUPPORTED_DTYPES)}")
+    if decode_steps is not None and dtype != "fp32" and decode_steps < MIN_HALF_DECODE_STEPS:
+        raise ExportError(f"--decode-steps: {dtype} validation needs at least {MIN_HALF_DECODE_STEPS} decode steps "
+                          f"(got {decode_steps})")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(
             f"--opset: {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} "
@@ -75,12 +84,21 @@ def export(
     opset: int = 24,
     force: bool = False,
     validate: bool = True,
-    decode_steps: int = 16,
+    decode_steps: int | None = None,
     revision: str | None = None,
+    validation_runtime: str = "auto",
 ) -> Path:
-    """Export a Granite checkpoint to an artifact folder; returns its path."""
-    check_options(dtype, opset)
-    output = Path(output)
+    """Export a Granite checkpoint to an artifact folder; returns its path.
+
+    decode_steps None: 16 for fp32, 32 for fp16/bf16. validation_runtime: "auto" (ONNX Runtime CPU when it
+    runs the graph, else the ONNX reference evaluator), "onnxruntime" or "reference".
+    """
+    check_options(dtype, opset, decode_steps)
+    if decode_steps is None:
+        decode_steps = DEFAULT_DECODE_STEPS[dtype]
+    weight_dtype = WEIGHT_DTYPES[dtype]
+    softmax_fp32 = SOFTMAX_FP32 and dtype != "fp32"
+    model, output = str(model), Path(output)
     model_dir, source = resolve_model(model, revision)
     config = read_config(model_dir)
     arch = arch_from_config(config, source=str(model_dir / "config.json"))
@@ -101,12 +119,19 @@ def export(
             state = torch_model.state_dict()
 
         def get_weight(name: str):
+            if arch.model_type == "granite":  # Granite 3.x names its MLP like Llama
+                name = _granite3_weight_name(name)
+                if isinstance(name, tuple):  # [gate; up] stacked as Granite 4's input_linear
+                    import numpy as np
+
+                    return np.concatenate([get_weight(n) for n in name], axis=0)
             if name not in state:
                 raise CheckpointError(f"{model_dir}: weight {name!r} not found in the checkpoint")
             return state[name].detach().float().numpy()
 
         with progress.step(f"building ONNX graph ({arch.num_layers} layers, opset {opset})"):
-            onnx_path, data_path = build_decoder_graph(arch, get_weight, stage, opset)
+            onnx_path, data_path = build_decoder_graph(arch, get_weight, stage, opset, weight_dtype=weight_dtype,
+                                                       softmax_fp32=softmax_fp32)
         with progress.step("checking graph with onnx.checker"):
             import onnx
 
@@ -118,14 +143,28 @@ def export(
                 shutil.copy2(model_dir / name, stage / name)
                 copied.append(name)
 
+        from .validate import CALIBRATION_PROMPTS, ValidationUnavailable, activation_report, prompt_token_ids
+
+        with progress.step("measuring per-layer max activations (fp32 PyTorch, calibration prompts)"):
+            activations = activation_report(
+                torch_model, prompt_token_ids(model_dir, arch.vocab_size, CALIBRATION_PROMPTS))
+        if dtype == "fp16" and activations["layers_at_risk"]:
+            log.warning(f"fp16 overflow risk: layers {activations['layers_at_risk']} have activations above "
+                          f"{activations['threshold']:.0f} (0.5 x fp16 max); see activation_report in the manifest")
+
         validation = {"skipped": True}
         if validate:
-            from .validate import prompt_token_ids
             from .validate import validate as run_validation
 
             with progress.step(f"validating against PyTorch (batch 2, {decode_steps} decode steps)"):
                 prompts = prompt_token_ids(model_dir, arch.vocab_size)
-                validation = run_validation(torch_model, onnx_path, arch, prompts, decode_steps, dtype)
+                try:
+                    validation = run_validation(torch_model, onnx_path, arch, prompts, decode_steps, dtype,
+                                                runtime=validation_runtime)
+                except ValidationUnavailable as exc:
+                    raise ExportError(f"validation of the {dtype} graph is not possible on this machine: {exc}; "
+                                      "nothing written (use --skip-validation to keep an unvalidated artifact)"
+                                      ) from exc
             if not validation["passed"]:
                 raise ExportError(
                     f"validation failed: max |logit diff| {validation['max_abs_logit_diff']:.3g} "
@@ -134,7 +173,7 @@ def export(
                     "an unvalidated artifact)"
                 )
 
-        inputs, outputs = graph_io(arch)
+        inputs, outputs = graph_io(arch, cache_dtype=weight_dtype)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -154,6 +193,14 @@ def export(
                     "external_data": [data_path.name],
                     "opset": opset,
                     "precision": dtype,
+                    "mixed_precision": None if dtype == "fp32" else {
+                        "weights_and_matmuls": weight_dtype,
+                        "kv_cache": weight_dtype,
+                        "attention": weight_dtype + (" (softmax float32)" if softmax_fp32 else ""),
+                        "rms_norm": "float32",
+                        "residual_stream": "float32",
+                        "logits": "float32",
+                    },
                     "ops": "standard ONNX only (no com.microsoft)",
                     "serves": ["prefill", "decode"],
                     "inputs": [s.to_dict() for s in inputs],
@@ -164,11 +211,19 @@ def export(
             "tokenizer": {"files": [n for n in copied if n not in ("config.json", "generation_config.json")]},
             "context_length": arch.max_position_embeddings,
             "validation": validation,
+            "activation_report": activations,
             "tools": _tool_versions(),
         }
         manifest["files"] = file_records(stage, [p.name for p in stage.iterdir() if p.is_file()])
         write_manifest(stage, manifest)
     return output
+
+
+def _granite3_weight_name(name: str):
+    if name.endswith("shared_mlp.input_linear.weight"):
+        prefix = name[: -len("shared_mlp.input_linear.weight")]
+        return (prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight")
+    return name.replace("shared_mlp.output_linear.weight", "mlp.down_proj.weight")
 
 
 __all__ = ["export", "ExportError", "CheckpointError", "ArtifactError", "DTYPES"]

@@ -12,10 +12,15 @@ Processing order follows Hugging Face ``generate``:
 Greedy decoding (``temperature == 0``) is the argmax of the penalised logits;
 top_k / top_p / typical_p are ignored there, as in HF with ``do_sample=False``.
 
-Cost per token at vocab ~100k is a handful of vectorised O(vocab) passes;
-top_p / typical_p never sort the whole vocabulary unless the kept set is
-itself that large: they ``argpartition`` a candidate block, sort only that
-block, and grow it geometrically until the cumulative mass is reached.
+Cost per token at vocab ~100k is a handful of vectorised O(vocab) passes
+(~0.1-0.5 ms on one CPU core), no Python loop over the vocabulary and no
+full-vocab sort unless the kept set itself is that large: top_k, top-n and
+the top_p / typical_p prefixes select a candidate block with a threshold
+taken from a strided subsample (cheaper than ``argpartition`` over 100k),
+sort only that block, and grow it geometrically until the cumulative mass
+(float64 sums) is reached; the final draw is an inverse-CDF search over
+float64 block sums. Full-vocab temporaries live in per-thread scratch
+buffers, so steady-state sampling allocates almost nothing large.
 
 Reproducibility: each request owns one ``numpy.random.Generator(PCG64(seed))``
 and every non-greedy :meth:`TokenSampler.sample` call consumes exactly one
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -230,39 +236,47 @@ def typical_p_filter(logits: np.ndarray, typical_p: float) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 
 
-def _superset(key: np.ndarray, k: int, largest: bool) -> np.ndarray:
-    """Ascending positions of every element at least as extreme as the k-th
-    most extreme one (largest or smallest) - a prefix of the full order, ties
-    included, with at least ``min(k, n)`` elements.
+def _superset(key: np.ndarray, k: int, largest: bool) -> tuple[np.ndarray, bool]:
+    """A prefix of the stable order of ``key`` (descending if ``largest``,
+    ties by ascending position) holding at least ``min(k, n)`` elements.
 
-    The k-th most extreme value of a strided subsample is no more extreme than
-    the overall k-th, so it is a safe threshold: one O(n) comparison plus a
-    partition of ~sqrt(k*n) elements instead of an O(n) argpartition of
-    everything (several times faster at n = 100k).
+    Returns ``(positions ascending, ties_cut)``. Normally the prefix is every
+    element at least as extreme as a threshold; the k-th most extreme value
+    of a strided subsample is no more extreme than the overall k-th, so it is
+    a safe threshold: one O(n) comparison plus a partition of ~sqrt(k*n)
+    elements instead of an O(n) argpartition of everything. When a huge run
+    of ties sits at the threshold (padded-vocab or masked logits), only the
+    first tied positions needed to reach k are taken and ``ties_cut`` is True.
     """
     n = key.size
     if k >= n:
-        return np.arange(n)
+        return np.arange(n), False
     stride = n // max(k, math.isqrt(k * n))
-    if stride >= 2:
-        sub = key[::stride]
-    else:
-        sub = key
+    sub = key[::stride] if stride >= 2 else key
     m = sub.size
     if largest:
         thr = np.partition(sub, m - k)[m - k]
-        return np.flatnonzero(key >= thr)
-    thr = np.partition(sub, k - 1)[k - 1]
-    return np.flatnonzero(key <= thr)
+        ge = key >= thr
+    else:
+        thr = np.partition(sub, k - 1)[k - 1]
+        ge = key <= thr
+    if np.count_nonzero(ge) <= 4 * k + 1024:
+        return np.flatnonzero(ge), False
+    strict = np.flatnonzero(key > thr if largest else key < thr)
+    if strict.size >= k:
+        return strict, False
+    # fewer than k strictly beyond thr: the true k-th value *is* thr
+    tied = np.flatnonzero(key == thr)[: k - strict.size]
+    return np.sort(np.concatenate((strict, tied))), True
 
 
 def _top_k_keep(x: np.ndarray, k: int) -> np.ndarray:
-    cand = _superset(x, k, largest=True)
+    cand, ties_cut = _superset(x, k, largest=True)
     v = x[cand]
-    if cand.size > k:  # the true k-th largest lies inside cand
-        kth = np.partition(v, v.size - k)[v.size - k]
-        cand = cand[v >= kth]
-    return cand
+    kth = np.partition(v, v.size - k)[v.size - k] if v.size > k else v.min()
+    if ties_cut:  # HF keeps every logit >= the k-th largest, all ties included
+        return np.flatnonzero(x >= kth)
+    return cand[v >= kth]
 
 
 def _sorted_prefix(key: np.ndarray, weights: np.ndarray, target: float, largest: bool) -> tuple[np.ndarray, int]:
@@ -276,7 +290,7 @@ def _sorted_prefix(key: np.ndarray, weights: np.ndarray, target: float, largest:
     n = key.size
     k = min(n, _BLOCK)
     while True:
-        cand = _superset(key, k, largest)
+        cand, _ = _superset(key, k, largest)
         v = key[cand]
         order = cand[np.argsort(-v if largest else v, kind="stable")]
         cum = np.cumsum(weights[order].astype(np.float64))
@@ -286,18 +300,20 @@ def _sorted_prefix(key: np.ndarray, weights: np.ndarray, target: float, largest:
         k = min(n, max(k * 8, order.size * 2))
 
 
-def _softmax_parts(x: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """``(w, total, m)`` with ``w = exp(x - m)`` (x's dtype), ``m = max(x)``, float64 ``total``."""
+def _softmax_parts(x: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
+    """``(w, total, m)`` with ``w = exp(x - m)`` (x's dtype, written to ``out``
+    when given), ``m = max(x)`` and the float64 ``total``."""
     m = float(x.max())
-    w = np.exp(x - x.dtype.type(m))
+    w = np.subtract(x, x.dtype.type(m), out=out)
+    np.exp(w, out=w)
     return w, float(w.sum(dtype=np.float64)), m
 
 
-def _top_p_keep(x: np.ndarray, top_p: float) -> np.ndarray:
+def _top_p_keep(x: np.ndarray, top_p: float, scratch: np.ndarray | None = None) -> np.ndarray:
     # Keep token i iff the mass strictly more likely than i is < top_p: the
     # descending prefix through the first token where the running mass reaches
     # top_p (== HF's "ascending cumsum <= 1 - top_p is removed").
-    w, total, _ = _softmax_parts(x)
+    w, total, _ = _softmax_parts(x, scratch)
     order, j = _sorted_prefix(x, w, top_p * total, largest=True)
     return np.sort(order[: j + 1])
 
@@ -308,16 +324,16 @@ def _typical_keep(x: np.ndarray, mass: float) -> np.ndarray:
     p = w / f(total)
     logp = (x - f(m)) - f(math.log(total))
     # entropy; -inf logits have p == 0 and must contribute 0, not NaN
-    ent = -float(np.dot(p.astype(np.float64), np.maximum(logp, f(-1e30)).astype(np.float64)))
+    ent = -float(np.dot(p, np.maximum(logp, f(-1e30))))
     shifted = np.abs(-logp - f(ent))  # +inf for -inf logits
     order, j = _sorted_prefix(shifted, p, mass, largest=False)
     thr = shifted[order[min(j, x.size - 1)]]
     return np.flatnonzero(shifted <= thr)
 
 
-def _log_sum_exp(dist: np.ndarray) -> float:
+def _log_sum_exp(dist: np.ndarray, scratch: np.ndarray | None = None) -> float:
     """log-sum-exp of ``dist`` (float32 or float64), accumulated in float64."""
-    _, total, m = _softmax_parts(dist)
+    _, total, m = _softmax_parts(dist, scratch)
     return m + math.log(total)
 
 
@@ -353,6 +369,28 @@ def _pick(w: np.ndarray, u: float) -> int:
 # --------------------------------------------------------------------------- #
 # Per-request sampler.
 # --------------------------------------------------------------------------- #
+
+# Full-vocab float32 temporaries are ~400 KB each at vocab 100k: big enough for
+# glibc to mmap/munmap them on every allocation, and the resulting page faults
+# cost several times the arithmetic. The sampler therefore works in per-thread
+# scratch buffers (shared by every request that thread samples for).
+_tls = threading.local()
+
+
+def _scratch(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-thread ``(raw, proc, work)`` float32 and ``mask`` bool buffers of length n."""
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    b = bufs.get(n)
+    if b is None:
+        b = bufs[n] = (
+            np.empty(n, np.float32),
+            np.empty(n, np.float32),
+            np.empty(n, np.float32),
+            np.empty(n, np.bool_),
+        )
+    return b
 
 
 class TokenSampler:
@@ -430,12 +468,16 @@ class TokenSampler:
         x = np.asarray(logits)
         if x.shape != (self.vocab_size,):
             raise ValueError(f"logits: expected shape ({self.vocab_size},), got {x.shape}")
+        raw_buf, proc, work, mask = _scratch(self.vocab_size)
         if x.dtype != np.float32:
-            x = x.astype(np.float32)
+            np.copyto(raw_buf, x, casting="unsafe")
+            x = raw_buf
         if suppress_token_ids is not None:
             sup = _ids_array(suppress_token_ids, self.vocab_size)
             if sup.size:
-                x = x.copy()
+                if x is not raw_buf:
+                    np.copyto(raw_buf, x)
+                    x = raw_buf
                 x[sup] = -np.inf
         if not math.isfinite(float(x.max())):  # NaN / +inf anywhere, or everything -inf
             raise ValueError("logits: contain NaN/+inf or no finite value")
@@ -444,8 +486,9 @@ class TokenSampler:
         if p.repetition_penalty_active and context_token_ids is not None and len(context_token_ids):
             seen = self._seen(context_token_ids)
             if seen.size:
-                pen = x.copy()
-                _penalise(pen, seen, p.repetition_penalty)
+                np.copyto(proc, x)
+                _penalise(proc, seen, p.repetition_penalty)
+                pen = proc
 
         if p.greedy:
             token = int(np.argmax(pen))
@@ -453,32 +496,34 @@ class TokenSampler:
         else:
             # processed logits, shifted so the max is 0: (pen - max) / T never
             # overflows, even for tiny temperatures; softmax is shift-invariant
-            z = pen - pen.max()
+            z = np.subtract(pen, pen.max(), out=proc)
             if p.temperature != 1:
                 t32 = np.float32(p.temperature)
                 if t32 > 0:
                     z /= t32
                 else:  # below float32's smallest subnormal: the limit is greedy
-                    z = np.where(z < 0, np.float32(-np.inf), np.float32(0))
-            token = self._draw(z)
+                    np.copyto(z, np.where(z < 0, np.float32(-np.inf), np.float32(0)))
+            token = self._draw(z, work)
             dist = z
 
         if not (p.logprobs or p.top_n_tokens):
             return SampledToken(token)
-        lse = _log_sum_exp(dist)
+        lse = _log_sum_exp(dist, work)
         logprob = rank = None
         if p.logprobs:
             logprob = float(dist[token]) - lse
-            rank = 1 + int(np.count_nonzero(dist > dist[token]))
+            rank = 1 + int(np.count_nonzero(np.greater(dist, dist[token], out=mask)))
         top: list[tuple[int, float]] = []
         if p.top_n_tokens:
             n = min(p.top_n_tokens, dist.size)
-            cand = _superset(dist, n, largest=True)
+            cand, _ = _superset(dist, n, largest=True)
             cand = cand[np.lexsort((cand, -dist[cand]))][:n]
             top = [(int(i), float(dist[i]) - lse) for i in cand]
         return SampledToken(token, logprob, rank, top)
 
-    def _draw(self, z: np.ndarray) -> int:
+    def _draw(self, z: np.ndarray, work: np.ndarray) -> int:
+        """Apply top_k -> top_p -> typical_p to processed logits ``z`` and draw.
+        ``work`` is a full-vocab scratch buffer (``z`` itself is left intact)."""
         p = self.params
         idx: np.ndarray | None = None
         vals = z
@@ -486,7 +531,7 @@ class TokenSampler:
             idx = _top_k_keep(vals, p.top_k)
             vals = vals[idx]
         if p.top_p_active and vals.size > 1:
-            keep = _top_p_keep(vals, p.top_p)
+            keep = _top_p_keep(vals, p.top_p, work if idx is None else None)
             idx = keep if idx is None else idx[keep]
             vals = vals[keep]
         if p.typical_p_active and vals.size > 1:
@@ -494,5 +539,6 @@ class TokenSampler:
             idx = keep if idx is None else idx[keep]
             vals = vals[keep]
         u = self._rng.random()  # exactly one draw per step, whatever the path
-        i = _pick(np.exp(vals - vals.max()), u)
+        w, _, _ = _softmax_parts(vals, work[: vals.size])
+        i = _pick(w, u)
         return int(i if idx is None else idx[i])

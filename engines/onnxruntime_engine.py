@@ -13,6 +13,10 @@ the last row moves into its place (a copy of that sequence's filled positions
 only, once per finished request), so a decode call never reads dead rows.
 Capacity grows in blocks as sequences get longer, so attention reads only
 about as much cache as is in use.
+
+Hybrid (Mamba2) models add fixed-size per-sequence state (`conv`, `ssm`)
+listed in the manifest's `state` record: same rows, zeroed when a slot is
+reserved, and decode calls then cover only rows that really decode.
 """
 
 from __future__ import annotations
@@ -72,23 +76,26 @@ class OnnxRuntimeEngine(Engine):
             raise EngineError(f"{self.artifact}: decoder graph has cache layout {graph.get('kv_cache')}, "
                               "this engine needs 'fixed_capacity_in_place'")
         self.num_layers = arch["num_layers"]
-        self.kv_heads = arch["num_kv_heads"]
-        self.head_dim = arch["head_dim"]
         context = int(manifest.get("context_length") or arch["max_position_embeddings"])
         self.max_seq_len = min(max_seq_len or context, context)
         self.max_batch = max_batch
-        self.cache_dtype = np.dtype(next(s["dtype"] for s in graph["inputs"] if s["name"].startswith("past_")))
+        self.states = state_specs(graph)
+        # Recurrent (Mamba) state changes with every token fed, so rows that do not
+        # decode this step must not be run at all (no dummy rows in a decode call).
+        self._recurrent = any(st["kind"] != "kv" for st in self.states)
         self.session = ort.InferenceSession(
             str(graph_path(self.artifact, manifest)), _session_options(threads), providers=[provider]
         )
         self._input_names = {i.name for i in self.session.get_inputs()}
-        self._names = [
-            (f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key", f"present.{i}.value")
-            for i in range(self.num_layers)
-        ]
         self.capacity = 0
-        self._keys: list[np.ndarray] = []
-        self._values: list[np.ndarray] = []
+        self._buffers: dict[str, np.ndarray] = {}  # state input name -> [max_batch, ...]
+        self._scratch: dict[str, np.ndarray] = {}  # outputs that cannot be written in place
+        for st in self.states:
+            if st["kind"] != "kv":
+                shape = (max_batch, *st["shape"])
+                self._buffers[st["input"]] = np.zeros(shape, st["dtype"])
+                if not st["in_place"]:
+                    self._scratch[st["input"]] = np.zeros(shape, st["dtype"])
         self._row: dict[int, int] = {}  # seq_id -> row
         self._length: dict[int, int] = {}  # seq_id -> tokens cached
         device = "cuda:0" if provider.startswith("CUDA") else "cpu"
@@ -98,24 +105,30 @@ class OnnxRuntimeEngine(Engine):
 
     # --- cache management ---------------------------------------------------------------
     def _grow(self, needed: int) -> None:
+        """KV buffers get capacity in whole blocks; existing rows are copied once."""
         new_cap = min(self.max_seq_len, -(-needed // CAPACITY_BLOCK) * CAPACITY_BLOCK)
         if new_cap <= self.capacity:
             return
-        shape = (self.max_batch, self.kv_heads, new_cap, self.head_dim)
-        keys = [np.zeros(shape, self.cache_dtype) for _ in range(self.num_layers)]
-        values = [np.zeros(shape, self.cache_dtype) for _ in range(self.num_layers)]
-        if self.capacity:
-            for old, new in zip(self._keys + self._values, keys + values):
-                new[:, :, : self.capacity] = old
-        self._keys, self._values, self.capacity = keys, values, new_cap
+        for st in self.states:
+            if st["kind"] == "kv":
+                kv_heads, _, head_dim = st["shape"]
+                new = np.zeros((self.max_batch, kv_heads, new_cap, head_dim), st["dtype"])
+                if self.capacity:
+                    new[:, :, : self.capacity] = self._buffers[st["input"]]
+                self._buffers[st["input"]] = new
+        self.capacity = new_cap
 
     def reserve(self, seq_id: int) -> None:
         if seq_id in self._row:
             raise EngineError(f"sequence {seq_id} already has a cache slot")
         if len(self._row) >= self.max_batch:
             raise CacheFull(f"all {self.max_batch} cache slots are in use")
-        self._row[seq_id] = len(self._row)
+        row = len(self._row)
+        self._row[seq_id] = row
         self._length[seq_id] = 0
+        for st in self.states:  # a reused slot starts from zero state (KV rows are masked instead)
+            if st["kind"] != "kv":
+                self._buffers[st["input"]][row] = 0
 
     def release(self, seq_id: int) -> None:
         row = self._row.pop(seq_id, None)
@@ -126,8 +139,12 @@ class OnnxRuntimeEngine(Engine):
         if row != last:
             mover = next(s for s, r in self._row.items() if r == last)
             n = self._length[mover]
-            for buf in self._keys + self._values:
-                buf[row, :, :n] = buf[last, :, :n]
+            for st in self.states:
+                buf = self._buffers[st["input"]]
+                if st["kind"] == "kv":
+                    buf[row, :, :n] = buf[last, :, :n]  # only the filled positions
+                else:
+                    buf[row] = buf[last]
             self._row[mover] = row
 
     # --- running --------------------------------------------------------------------------
@@ -140,19 +157,27 @@ class OnnxRuntimeEngine(Engine):
         binding.bind_cpu_input("position_ids", positions)
         if keep_last and "num_logits_to_keep" in self._input_names:
             binding.bind_cpu_input("num_logits_to_keep", np.array(1, np.int64))
-        for (past_k, past_v, present_k, present_v), k, v in zip(self._names, self._keys, self._values):
-            # A row range of a C-contiguous buffer is contiguous: wrap it without a copy
-            # and bind it as both input and output, which makes TensorScatter write in place.
-            kv = ort.OrtValue.ortvalue_from_numpy(k[rows])
-            vv = ort.OrtValue.ortvalue_from_numpy(v[rows])
-            binding.bind_ortvalue_input(past_k, kv)
-            binding.bind_ortvalue_output(present_k, kv)
-            binding.bind_ortvalue_input(past_v, vv)
-            binding.bind_ortvalue_output(present_v, vv)
+        copy_back = []
+        for st in self.states:
+            # A row range of a C-contiguous buffer is contiguous: wrap it without a copy.
+            # Bound as both input and output, the graph updates it in place (TensorScatter
+            # for KV; the conv window). Outputs that read their input after writing would
+            # be unsafe to alias, so those go to scratch rows and are copied back.
+            view = self._buffers[st["input"]][rows]
+            value = ort.OrtValue.ortvalue_from_numpy(view)
+            binding.bind_ortvalue_input(st["input"], value)
+            if st["in_place"]:
+                binding.bind_ortvalue_output(st["output"], value)
+            else:
+                scratch = self._scratch[st["input"]][rows]
+                binding.bind_ortvalue_output(st["output"], ort.OrtValue.ortvalue_from_numpy(scratch))
+                copy_back.append((view, scratch))
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
             raise EngineError(f"ONNX Runtime step failed: {exc}") from exc
+        for view, scratch in copy_back:
+            np.copyto(view, scratch)
         return binding.get_outputs()[0].numpy()
 
     def step(self, chunks: list[Chunk]) -> np.ndarray:
@@ -170,22 +195,23 @@ class OnnxRuntimeEngine(Engine):
         self._grow(max(c.start + len(c.token_ids) for c in chunks))
         out = np.empty((len(chunks), self.info.vocab_size), np.float32)
 
-        decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-        if decodes:
-            n_rows = max(self._row[chunks[i].seq_id] for i in decodes) + 1
-            ids = np.zeros((n_rows, 1), np.int64)
-            # Rows without a decode this step get a harmless write at their first free position.
-            pos = np.zeros((n_rows, 1), np.int64)
+        decodes = sorted((i for i, c in enumerate(chunks) if len(c.token_ids) == 1),
+                         key=lambda i: self._row[chunks[i].seq_id])
+        for lo, hi, members in self._decode_calls(decodes, chunks):
+            ids = np.zeros((hi - lo, 1), np.int64)
+            # Rows without a decode this step (KV-only models) get a harmless write at
+            # their first free position, which a later step overwrites before reading.
+            pos = np.zeros((hi - lo, 1), np.int64)
             for seq, row in self._row.items():
-                if row < n_rows:
-                    pos[row, 0] = min(self._length[seq], self.capacity - 1)
-            for i in decodes:
+                if lo <= row < hi:
+                    pos[row - lo, 0] = min(self._length[seq], self.capacity - 1)
+            for i in members:
                 c = chunks[i]
-                row = self._row[c.seq_id]
+                row = self._row[c.seq_id] - lo
                 ids[row, 0], pos[row, 0] = c.token_ids[0], c.start
-            logits = self._run(slice(0, n_rows), ids, pos, keep_last=True)
-            for i in decodes:
-                out[i] = logits[self._row[chunks[i].seq_id], -1]
+            logits = self._run(slice(lo, hi), ids, pos, keep_last=True)
+            for i in members:
+                out[i] = logits[self._row[chunks[i].seq_id] - lo, -1]
         for i, c in enumerate(chunks):
             if len(c.token_ids) > 1:
                 row = self._row[c.seq_id]
@@ -196,5 +222,47 @@ class OnnxRuntimeEngine(Engine):
             self._length[c.seq_id] = c.start + len(c.token_ids)
         return out
 
+    def _decode_calls(self, decodes: list[int], chunks: list[Chunk]):
+        """Row ranges for the decode calls: one call over rows [0, last] for KV-only models;
+        for recurrent state, one call per run of consecutive decoding rows."""
+        if not decodes:
+            return []
+        rows = [self._row[chunks[i].seq_id] for i in decodes]
+        if not self._recurrent:
+            return [(0, rows[-1] + 1, decodes)]
+        calls, start = [], 0
+        for k in range(1, len(rows) + 1):
+            if k == len(rows) or rows[k] != rows[k - 1] + 1:
+                calls.append((rows[start], rows[k - 1] + 1, decodes[start:k]))
+                start = k
+        return calls
+
     def cache_bytes(self) -> int:
-        return sum(b.nbytes for b in self._keys + self._values)
+        return sum(b.nbytes for b in self._buffers.values())
+
+
+def state_specs(graph: dict) -> list[dict]:
+    """The per-sequence state tensors of a decoder graph, from its manifest record.
+
+    Artifacts list them under "state"; otherwise every `past_key_values.*` input
+    is a KV cache written in place (the dense layout in export/io_spec.py).
+    """
+    if "state" in graph:
+        return [{**st, "shape": tuple(st["shape"]), "dtype": np.dtype(_np_dtype(st["dtype"]))} for st in graph["state"]]
+    specs = []
+    for spec in graph["inputs"]:
+        if spec["name"].startswith("past_key_values."):
+            _, layer, part = spec["name"].split(".")
+            shape = spec["shape"]
+            specs.append({"input": spec["name"], "output": f"present.{layer}.{part}", "kind": "kv",
+                          "shape": (shape[1], shape[2], shape[3]), "dtype": np.dtype(_np_dtype(spec["dtype"])),
+                          "in_place": True})
+    return specs
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return name

@@ -11,6 +11,13 @@ model.
 
 Weights are streamed into one external-data file as they are added, so the
 builder never holds a second in-memory copy of a multi-GB model.
+
+Half precision (`weight_dtype` float16 or bfloat16) is mixed precision, laid
+out so that a strongly typed TensorRT network gets exactly these types:
+weights, MatMuls, RoPE, the KV cache and Attention run in the half type; the
+embedding output, the residual stream and every RMSNormalization stay float32
+(each branch output is Cast to float32 before its residual Add, each norm
+output is Cast to the half type before its MatMul); logits are float32.
 """
 
 from __future__ import annotations
@@ -25,7 +32,9 @@ from onnx import TensorProto, helper
 from .checkpoint import GraniteArch
 from .io_spec import cache_names, graph_io
 
-NP_TO_ONNX = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
+NP_TO_ONNX = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
+              "int64": TensorProto.INT64}
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 EXTERNAL_ALIGN = 4096  # page-aligned offsets let ONNX Runtime mmap the weights
 MIN_OPSET = 24  # TensorScatter
 MAX_OPSET = onnx.defs.onnx_opset_version()
@@ -81,30 +90,56 @@ def build_decoder_graph(
     out_dir: Path,
     opset: int,
     weight_dtype: str = "float32",
+    softmax_fp32: bool = False,
 ) -> tuple[Path, Path]:
     """Write model.onnx + model.onnx.data into out_dir and return their paths.
 
     get_weight(name) returns a Hugging Face state-dict tensor as a float32
     numpy array (names as in `GraniteMoeHybridForCausalLM.state_dict()`).
+    weight_dtype float16/bfloat16 gives the mixed-precision graph described in
+    the module docstring; softmax_fp32 asks Attention for a float32 softmax
+    (its `softmax_precision` attribute) when Q/K/V are half.
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset: {opset} is not supported; choose {MIN_OPSET}..{MAX_OPSET} (TensorScatter needs 24)")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype: {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     model_path = out_dir / "model.onnx"
     data_name = "model.onnx.data"
     a = arch
     D, nH, kvH = a.head_dim, a.num_heads, a.num_kv_heads
-    wdt = np.dtype(weight_dtype)
+    half = weight_dtype != "float32"
+    if weight_dtype == "bfloat16":
+        import ml_dtypes  # numpy's bfloat16 (a dependency of onnx)
 
-    def w(name):  # HF weights are [out, in]; MatMul wants [in, out]
+        wdt = np.dtype(ml_dtypes.bfloat16)
+    else:
+        wdt = np.dtype(weight_dtype)
+    HALF = NP_TO_ONNX[weight_dtype]
+
+    def w(name):  # HF weights are [out, in]; MatMul wants [in, out]. Cast rounds to nearest even.
         return get_weight(name).astype(wdt, copy=False)
+
+    def w32(name):  # norm weights stay float32 (the norms run in float32)
+        return get_weight(name).astype(np.float32, copy=False)
+
+    def to_half(t, hint):
+        return g.op("Cast", [t], hint, to=HALF) if half else t
+
+    def to_f32(t, hint):
+        return g.op("Cast", [t], hint, to=TensorProto.FLOAT) if half else t
+
+    attention_attrs = {"scale": a.attention_multiplier}
+    if half and softmax_fp32:
+        attention_attrs["softmax_precision"] = TensorProto.FLOAT
 
     with open(out_dir / data_name, "wb") as data_file:
         g = GraphBuilder(data_file, data_name)
-        inputs, outputs = graph_io(a, cache_dtype="float32")
+        inputs, outputs = graph_io(a, cache_dtype=weight_dtype)
 
         # Embedding (tied with the output projection when the config says so).
         embed = g.weight("model.embed_tokens.weight", w("model.embed_tokens.weight"))
-        x = g.op("Gather", [embed, "input_ids"], "embed", axis=0)
+        x = to_f32(g.op("Gather", [embed, "input_ids"], "embed", axis=0), "embed_f32")
         x = g.op("Mul", [x, g.const("embedding_multiplier", a.embedding_multiplier, np.float32)], "embed_scaled")
 
         # Shared per-step tensors: rotary cos/sin, the attention mask, the cache write index.
@@ -112,7 +147,8 @@ def build_decoder_graph(
         pos_f = g.op("Cast", ["position_ids"], "pos_f", to=TensorProto.FLOAT)
         freqs = g.op("Mul", [g.op("Unsqueeze", [pos_f, g.const("axes_last", [-1], np.int64)], "pos_f3"),
                              g.const("inv_freq", inv_freq.astype(np.float32))], "rope_freqs")
-        cos, sin = g.op("Cos", [freqs], "rope_cos"), g.op("Sin", [freqs], "rope_sin")
+        cos = to_half(g.op("Cos", [freqs], "rope_cos"), "rope_cos_half")
+        sin = to_half(g.op("Sin", [freqs], "rope_sin"), "rope_sin_half")
 
         capacity = g.op("Gather", [g.op("Shape", [cache_names(0)[0]], "cache_shape"),
                                    g.const("two", 2, np.int64)], "cache_capacity", axis=0)
@@ -131,8 +167,9 @@ def build_decoder_graph(
             p = f"model.layers.{i}"
             past_k, past_v, present_k, present_v = cache_names(i)
             # Attention block.
-            h = g.op("RMSNormalization", [x, g.weight(f"{p}.input_layernorm.weight", w(f"{p}.input_layernorm.weight"))],
+            h = g.op("RMSNormalization", [x, g.weight(f"{p}.input_layernorm.weight", w32(f"{p}.input_layernorm.weight"))],
                      f"l{i}/attn_norm", axis=-1, epsilon=a.rms_norm_eps)
+            h = to_half(h, f"l{i}/attn_norm_half")
             w_qkv = np.concatenate([w(f"{p}.self_attn.q_proj.weight"), w(f"{p}.self_attn.k_proj.weight"),
                                     w(f"{p}.self_attn.v_proj.weight")], axis=0).T
             qkv = g.op("MatMul", [h, g.weight(f"{p}.self_attn.qkv_proj.weight_t", w_qkv)], f"l{i}/qkv")
@@ -142,19 +179,22 @@ def build_decoder_graph(
             v = g.op("Transpose", [g.op("Reshape", [v, shape_kv], f"l{i}/v4")], f"l{i}/v_bhsd", perm=[0, 2, 1, 3])
             q = g.op("RotaryEmbedding", [q, cos, sin], f"l{i}/q_rope")
             k = g.op("RotaryEmbedding", [k, cos, sin], f"l{i}/k_rope")
+            # axis -2 is the capacity axis of the 4D cache (same as 2); TensorRT's parser accepts only -2.
             g.nodes.append(helper.make_node("TensorScatter", [past_k, k, write_index], [present_k],
-                                            name=f"l{i}/write_key", axis=2))
+                                            name=f"l{i}/write_key", axis=-2))
             g.nodes.append(helper.make_node("TensorScatter", [past_v, v, write_index], [present_v],
-                                            name=f"l{i}/write_value", axis=2))
-            y = g.op("Attention", [q, present_k, present_v, mask], f"l{i}/attention", scale=a.attention_multiplier)
+                                            name=f"l{i}/write_value", axis=-2))
+            y = g.op("Attention", [q, present_k, present_v, mask], f"l{i}/attention", **attention_attrs)
             y = g.op("Reshape", [g.op("Transpose", [y], f"l{i}/y_bshd", perm=[0, 2, 1, 3]), shape_merge], f"l{i}/y")
             o = g.op("MatMul", [y, g.weight(f"{p}.self_attn.o_proj.weight_t", w(f"{p}.self_attn.o_proj.weight").T)],
                      f"l{i}/o_proj")
+            o = to_f32(o, f"l{i}/o_proj_f32")
             x = g.op("Add", [x, g.op("Mul", [o, res_mult], f"l{i}/attn_scaled")], f"l{i}/attn_residual")
             # MLP block: input_linear holds [gate; up], output_linear is down.
             h = g.op("RMSNormalization", [x, g.weight(f"{p}.post_attention_layernorm.weight",
-                                                       w(f"{p}.post_attention_layernorm.weight"))],
+                                                       w32(f"{p}.post_attention_layernorm.weight"))],
                      f"l{i}/mlp_norm", axis=-1, epsilon=a.rms_norm_eps)
+            h = to_half(h, f"l{i}/mlp_norm_half")
             gate_up = g.op("MatMul", [h, g.weight(f"{p}.shared_mlp.input_linear.weight_t",
                                                   w(f"{p}.shared_mlp.input_linear.weight").T)], f"l{i}/gate_up")
             gate, up = g.op("Split", [gate_up], f"l{i}/gate_up_split", outputs=2, axis=-1, num_outputs=2)
@@ -162,6 +202,7 @@ def build_decoder_graph(
                        f"l{i}/swiglu")
             down = g.op("MatMul", [act, g.weight(f"{p}.shared_mlp.output_linear.weight_t",
                                                  w(f"{p}.shared_mlp.output_linear.weight").T)], f"l{i}/down")
+            down = to_f32(down, f"l{i}/down_f32")
             x = g.op("Add", [x, g.op("Mul", [down, res_mult], f"l{i}/mlp_scaled")], f"l{i}/mlp_residual")
 
         # Keep the last k positions (k = num_logits_to_keep, 0 = all) before the norm and head.
@@ -172,12 +213,14 @@ def build_decoder_graph(
                     "keep")
         start = g.op("Sub", [seq_len, keep], "keep_start")
         x = g.op("Slice", [x, start, seq_len, g.const("axes_1", [1], np.int64)], "hidden_kept")
-        x = g.op("RMSNormalization", [x, g.weight("model.norm.weight", w("model.norm.weight"))],
+        x = g.op("RMSNormalization", [x, g.weight("model.norm.weight", w32("model.norm.weight"))],
                  "final_norm", axis=-1, epsilon=a.rms_norm_eps)
+        x = to_half(x, "final_norm_half")
         # Output projection as Gemm(transB=1) so a tied embedding is stored once.
         lm_head = embed if a.tie_word_embeddings else g.weight("lm_head.weight", w("lm_head.weight"))
         x2 = g.op("Reshape", [x, g.const("shape_2d", [-1, a.hidden_size], np.int64)], "hidden_2d")
-        logits2 = g.op("Gemm", [x2, lm_head], "logits_2d", transB=1)
+        logits2 = to_f32(g.op("Gemm", [x2, lm_head], "logits_2d_half" if half else "logits_2d", transB=1),
+                         "logits_2d")
         out_shape = g.op("Concat", [g.op("Shape", [x], "kept_shape", start=0, end=2),
                                     g.const("vocab", [a.vocab_size], np.int64)], "logits_shape", axis=0)
         logits = g.op("Reshape", [logits2, out_shape], "logits_unscaled")

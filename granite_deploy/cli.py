@@ -121,6 +121,177 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _setup_server_logging() -> None:
+    import logging
+
+    from .serve.server import JsonLogFormatter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def _cmd_serve(args) -> int:
+    import asyncio
+
+    from .artifact import load_manifest
+    from .serve.server import ServerConfig, serve_forever
+
+    load_manifest(args.artifact)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert/--tls-key: give both")
+    if args.tls_client_ca and not args.tls_cert:
+        raise UsageError("--tls-client-ca: needs --tls-cert and --tls-key")
+    for name in ("max_batch", "max_queue", "max_message_bytes"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be >= 1")
+    config = ServerConfig(
+        artifact=args.artifact, host=args.host, port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+        engine=args.engine, threads=args.threads, metrics_port=args.metrics_port or None,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        auth_token=args.auth_token, model_id=args.model_id, max_new_tokens_limit=args.max_new_tokens_limit,
+        max_message_bytes=args.max_message_bytes, drain_grace_s=args.grace,
+    )
+    _setup_server_logging()
+
+    def ready(server) -> None:
+        extra = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
+        tls = ", mTLS" if args.tls_client_ca else (", TLS" if args.tls_cert else "")
+        print(f"serving {args.artifact} on {args.host}:{server.port} (engine {server.engine_description()}"
+              f"{tls}{extra})", flush=True)
+
+    asyncio.run(serve_forever(config, on_ready=ready))
+    return 0
+
+
+def _cmd_client(args) -> int:
+    import json
+    import time
+
+    import grpc
+
+    from .serve.client import GraniteClient
+    from .serve.generate import load_list, load_messages
+
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
+    if args.stop:
+        params["stop_sequences"] = args.stop
+    if args.prompt is not None and (args.tools or args.documents):
+        raise UsageError("--tools/--documents need --chat (they are rendered by the chat template)")
+    client = GraniteClient(args.target, tls_ca=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key,
+                           token=args.token, timeout=args.timeout)
+    start, first = time.perf_counter(), None
+    try:
+        if args.prompt is not None:
+            if args.stream:
+                last, prompt_tokens = None, 0
+                for msg in client.generate_stream(args.prompt, correlation_id=args.correlation_id, **params):
+                    if msg.text:
+                        first = first or time.perf_counter()
+                        sys.stdout.write(msg.text)
+                        sys.stdout.flush()
+                    last = msg if msg.stop_reason else last
+                    if msg.input_token_count:
+                        prompt_tokens = msg.input_token_count
+                stats = (prompt_tokens, last.generated_token_count if last else 0,
+                         last.stop_reason if last else 0)
+            else:
+                resp = client.generate(args.prompt, correlation_id=args.correlation_id, **params)
+                sys.stdout.write(resp.text)
+                stats = (resp.input_token_count, resp.generated_token_count, resp.stop_reason)
+            from .protos import generation_pb2
+
+            reason = generation_pb2.StopReason.Name(stats[2])
+            sys.stdout.write("\n")
+            print(f"prompt tokens: {stats[0]}, generated tokens: {stats[1]}, stop: {reason}", file=sys.stderr)
+        else:
+            from .protos import granite_chat_pb2
+
+            messages = load_messages(args.chat)
+            tools = load_list(args.tools, "--tools")
+            documents = load_list(args.documents, "--documents")
+            if args.stream:
+                final = None
+                for ev in client.chat(messages, tools=tools, documents=documents, stream=True,
+                                      correlation_id=args.correlation_id, **params):
+                    kind = ev.WhichOneof("event")
+                    if kind == "text_delta":
+                        first = first or time.perf_counter()
+                        sys.stdout.write(ev.text_delta.text)
+                        sys.stdout.flush()
+                    elif kind == "tool_call":
+                        sys.stdout.write("\n" + json.dumps({"tool_call": {"name": ev.tool_call.name,
+                                         "arguments": json.loads(ev.tool_call.arguments_json or "{}")}},
+                                         ensure_ascii=False) + "\n")
+                        sys.stdout.flush()
+                    elif kind == "final":
+                        final = ev.final
+                stats = (final.prompt_token_count, final.completion_token_count, final.stop_reason) if final else (0, 0, 0)
+            else:
+                resp = client.chat(messages, tools=tools, documents=documents, correlation_id=args.correlation_id,
+                                   **params)
+                sys.stdout.write(resp.content)
+                for call in resp.tool_calls:
+                    sys.stdout.write("\n" + json.dumps({"tool_call": {"name": call.name,
+                                     "arguments": json.loads(call.arguments_json or "{}")}}, ensure_ascii=False))
+                stats = (resp.prompt_token_count, resp.completion_token_count, resp.stop_reason)
+            sys.stdout.write("\n")
+            print(f"prompt tokens: {stats[0]}, generated tokens: {stats[1]}, "
+                  f"stop: {granite_chat_pb2.StopReason.Name(stats[2])}", file=sys.stderr)
+    except grpc.RpcError as exc:
+        print(f"granite-deploy client: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if first is not None:
+        print(f"time to first text: {first - start:.3f} s", file=sys.stderr)
+    return 0
+
+
+def _cmd_build(args) -> int:
+    from .engines.tensorrt_build import BuildError, build, summary
+
+    try:
+        record = build(args.artifact, max_batch=args.max_batch, max_seq=args.max_seq, opt_seq=args.opt_seq,
+                       timing_cache=args.timing_cache)
+    except BuildError as exc:
+        print(f"granite-deploy build: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(Path(args.artifact), record))
+    return 0
+
+
+def _cmd_check_ops(args) -> int:
+    from .export.opcheck import OpCheckError, check_artifact
+
+    try:
+        reports = check_artifact(args.artifact)
+    except OpCheckError as exc:
+        print(f"granite-deploy check-ops: error: {exc}", file=sys.stderr)
+        return 2
+    for report in reports:
+        print("\n".join(report.lines()))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def _cmd_quantize(args) -> int:
+    from .export.quantize import QuantizeError, quantize, summary
+
+    method = "int8" if args.int8 else "int4" if args.int4 else "int8-qdq"
+    try:
+        out = quantize(args.artifact, args.output, method, block_size=args.block_size, calibration=args.calibration,
+                       force=args.force, skip_gate=args.skip_gate, accuracy_level=args.accuracy_level,
+                       thresholds={"max_ppl_increase": args.max_ppl_increase,
+                                   "min_greedy_agreement": args.min_agreement})
+    except QuantizeError as exc:
+        print(f"granite-deploy quantize: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(out))
+    return 0
+
+
 COMMANDS = {}
 
 
@@ -133,11 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a Granite checkpoint to a verified ONNX artifact")
     p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face hub id")
     p.add_argument("--output", required=True, help="artifact folder to write")
-    p.add_argument("--dtype", default="fp32", help="fp32 (fp16, bf16: planned)")
+    p.add_argument("--dtype", default="fp32",
+                   help="fp32 (default), fp16 or bf16: half-precision weights, MatMuls and KV cache with "
+                        "float32 norms, residual stream and logits, validated against fp32 PyTorch")
     p.add_argument("--opset", type=int, default=24, help="ONNX opset (24 or newer; default 24)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--skip-validation", action="store_true", help="do not compare against PyTorch")
-    p.add_argument("--decode-steps", type=int, default=16, help="decode steps checked in validation (default 16)")
+    p.add_argument("--decode-steps", type=int, default=None,
+                   help="decode steps checked in validation (default 16 for fp32, 32 for fp16/bf16)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
     p.set_defaults(func=_cmd_export)
 
@@ -169,6 +343,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", help="JSON file: list of tools")
     p.add_argument("--documents", help="JSON file: list of documents")
     p.set_defaults(func=_cmd_render)
+
+    p = sub.add_parser("serve", help="serve an artifact over gRPC (fmaas.GenerationService + granite.v1.ChatService)")
+    p.add_argument("artifact")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8033, help="gRPC port (default 8033; 0: any free port)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond the batch before RESOURCE_EXHAUSTED (default 64)")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics HTTP port (default 0: off)")
+    p.add_argument("--tls-cert", help="PEM server certificate (with --tls-key: TLS)")
+    p.add_argument("--tls-key", help="PEM server private key")
+    p.add_argument("--tls-client-ca", help="PEM CA for client certificates (mutual TLS: clients must present one)")
+    p.add_argument("--auth-token", help="require 'authorization: Bearer <token>' (health checks exempt)")
+    p.add_argument("--engine", default="auto", help="auto, onnxruntime-cpu, onnxruntime-cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--max-new-tokens-limit", type=int, default=None,
+                   help="largest max_new_tokens accepted (default: min(1024, context - 1))")
+    p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
+                   help="largest gRPC message received or sent (default 16 MiB)")
+    p.add_argument("--model-id", default=None, help="model id clients may name (default: the artifact folder name)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM/SIGINT (default 30)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("client", help="call a granite-deploy server: print tokens as they arrive")
+    p.add_argument("--target", required=True, help="HOST:PORT of the server")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="raw prompt text (fmaas GenerationService)")
+    src.add_argument("--chat", help="JSON file: list of {role, content} messages (ChatService)")
+    p.add_argument("--tools", help="JSON file: list of tools (OpenAI function schema)")
+    p.add_argument("--documents", help="JSON file: list of documents")
+    p.add_argument("--stream", action="store_true", help="stream the reply")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0: the server default")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    p.add_argument("--token", help="bearer token")
+    p.add_argument("--tls-ca", help="PEM CA of the server certificate (turns TLS on)")
+    p.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", help="PEM client private key (mutual TLS)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--correlation-id", help="x-correlation-id sent with the request")
+    p.set_defaults(func=_cmd_client)
+
+    p = sub.add_parser("build", help="build a TensorRT plan for this GPU into an artifact (needs tensorrt + CUDA)")
+    p.add_argument("artifact")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences per decode step (default 8)")
+    p.add_argument("--max-seq", type=int, default=None,
+                   help="tokens per sequence = static KV-cache capacity (default min(4096, context length))")
+    p.add_argument("--opt-seq", type=int, default=None, help="prompt length to tune for (default 512)")
+    p.add_argument("--timing-cache", help="TensorRT timing cache file: reused when present, saved after the build")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("check-ops", help="list a graph's ops and whether TensorRT's ONNX parser takes them")
+    p.add_argument("artifact", help="artifact folder (or one .onnx file)")
+    p.set_defaults(func=_cmd_check_ops)
+
+    p = sub.add_parser("quantize", help="quantize an fp32 artifact (INT8/INT4 weight-only, INT8 QDQ), accuracy-gated")
+    p.add_argument("artifact", help="fp32 artifact folder (from `export`)")
+    p.add_argument("--output", required=True, help="new artifact folder to write")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--int8", action="store_true", help="8-bit weight-only MatMulNBits (ONNX Runtime only)")
+    how.add_argument("--int4", action="store_true", help="4-bit weight-only MatMulNBits (ONNX Runtime only)")
+    how.add_argument("--int8-qdq", action="store_true",
+                     help="int8 per-channel weights + DequantizeLinear, standard ops (TensorRT and ONNX Runtime)")
+    p.add_argument("--block-size", type=int, default=None, help="weights per scale for --int8/--int4 (default 32)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
+                   help="MatMulNBits compute: 4 = int8 dot products (default, fast), 1 = fp32, 0 = unset")
+    p.add_argument("--calibration", help="held-out UTF-8 text file for the perplexity gate (default: built-in sample)")
+    p.add_argument("--max-ppl-increase", type=float, default=None,
+                   help="gate: largest perplexity increase vs fp32, as a fraction (default 0.02 int8, 0.08 int4)")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="gate: least greedy agreement with fp32 over 64 steps (default 0.9 int8, 0.75 int4)")
+    p.add_argument("--skip-gate", "--force-gate", dest="skip_gate", action="store_true",
+                   help="write the artifact even if the accuracy gate fails (the failure is recorded)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.set_defaults(func=_cmd_quantize)
 
     for name, (register, _) in COMMANDS.items():
         register(sub)

@@ -1,0 +1,117 @@
+"""Shared benchmark helpers: the full-size random-weight checkpoint, the machine, bandwidth."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO.parent / "shared" / "reference" / "configs"
+CACHE = Path(os.environ.get("GRANITE_DEPLOY_BENCH_CACHE", Path.home() / ".cache" / "granite-deploy" / "bench"))
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}"
+
+
+def random_checkpoint(name: str = "granite-4.0-1b") -> Path:
+    """The full-size architecture from ../shared/reference/configs with random weights, cached.
+
+    Speed does not depend on weight values; a tiny tokenizer is attached so the
+    folder is a complete checkpoint (the benchmark feeds token ids directly).
+    """
+    out = CACHE / f"{name}-random"
+    if (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists():
+        return out
+    import torch
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    from granite_deploy.export.tiny import build_tokenizer
+
+    cfg = json.loads((CONFIGS / f"{name}.json").read_text())
+    for key in ("architectures", "model_type"):
+        cfg.pop(key, None)
+    config = GraniteMoeHybridConfig(**cfg)
+    t = time.perf_counter()
+    torch.manual_seed(0)
+    model = GraniteMoeHybridForCausalLM(config).to(torch.float32).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(out)
+    model.save_pretrained(out)
+    print(f"# built random {name} checkpoint in {time.perf_counter() - t:.0f} s: {out}", flush=True)
+    return out
+
+
+def artifact_for(checkpoint: Path, validate: bool = True) -> Path:
+    from granite_deploy.export.exporter import export
+
+    out = CACHE / f"{checkpoint.name}-artifact"
+    if (out / "manifest.json").exists():
+        return out
+    t = time.perf_counter()
+    export(checkpoint, out, validate=validate, force=True)
+    print(f"# exported in {time.perf_counter() - t:.0f} s: {out}", flush=True)
+    return out
+
+
+def measure_bandwidth_gbs(threads: int = 2, size_mib: int = 1024) -> float:
+    """Read bandwidth the way decode reads weights: ONNX Runtime's own fp32 MatMul of one
+    row against a weight far larger than the caches, with `threads` threads, best of 7."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    cols = 4096
+    rows = size_mib * 2**20 // 4 // cols
+    w = np.random.default_rng(0).standard_normal((rows, cols), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, rows])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        import onnx
+
+        path = f"{d}/gemv.onnx"
+        onnx.save_model(model, path, save_as_external_data=True, location="gemv.data")
+        del model, graph
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    x = np.ones((1, rows), np.float32)
+    best = float("inf")
+    for _ in range(7):
+        t = time.perf_counter()
+        session.run(None, {"x": x})
+        best = min(best, time.perf_counter() - t)
+    return w.nbytes / best / 1e9
+
+
+def peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n{title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in row) + " |")

@@ -14,8 +14,9 @@ from pathlib import Path
 
 SUPPORTED_MODEL_TYPES = ("granitemoehybrid", "granite")
 SUPPORTED_TEXT = (
-    "GraniteMoeHybridForCausalLM checkpoints whose layers are all attention "
-    "(granite-4.0-1b, granite-4.0-350m) and Granite 3.x GraniteForCausalLM"
+    "GraniteMoeHybridForCausalLM checkpoints without experts: all-attention (granite-4.0-1b, "
+    "granite-4.0-350m) and hybrid Mamba2 + attention (granite-4.0-h-1b, granite-4.0-h-350m), "
+    "and Granite 3.x GraniteForCausalLM"
 )
 ATTENTION_LAYER_NAMES = ("attention", "full_attention")
 MAMBA_LAYER_NAMES = ("mamba", "linear_attention")
@@ -46,6 +47,13 @@ class GraniteArch:
     bos_token_id: int | None
     eos_token_id: int | list[int] | None
     pad_token_id: int | None
+    layer_types: tuple[str, ...] = ()  # "attention" or "mamba" per layer
+    rope: bool = True  # False: NoPE (Granite 4.0 H)
+    mamba: dict | None = None  # Mamba2 dimensions (see mamba.mamba_dims) when any layer is Mamba
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "attention"]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,13 +109,8 @@ def arch_from_config(config: dict, source: str = "config.json") -> GraniteArch:
             f"Supported: {SUPPORTED_TEXT}."
         )
     kinds = layer_kinds(config) if model_type == "granitemoehybrid" else ["attention"] * config["num_hidden_layers"]
-    if "mamba" in kinds:
-        n_mamba = kinds.count("mamba")
-        raise CheckpointError(
-            f"{source}: hybrid Mamba2 checkpoint ({n_mamba} of {len(kinds)} layers are Mamba2, e.g. "
-            "granite-4.0-h-*): not yet supported; only all-attention Granite models export today "
-            f"({SUPPORTED_TEXT})."
-        )
+    if "attention" not in kinds:
+        raise CheckpointError(f"{source}: no attention layer; Granite models have at least one")
     if int(config.get("num_local_experts", 0) or 0) > 0:
         raise CheckpointError(
             f"{source}: mixture-of-experts checkpoint (num_local_experts={config['num_local_experts']}): "
@@ -115,9 +118,9 @@ def arch_from_config(config: dict, source: str = "config.json") -> GraniteArch:
         )
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise CheckpointError(f"{source}: attention_bias/mlp_bias = true is not supported (no Granite release uses it)")
-    pos_type = config.get("position_embedding_type", "rope")
-    if model_type == "granitemoehybrid" and pos_type != "rope":
-        raise CheckpointError(f"{source}: position_embedding_type {pos_type!r} on a dense model is not supported (expected 'rope')")
+    pos_type = config.get("position_embedding_type", "rope") if model_type == "granitemoehybrid" else "rope"
+    if pos_type not in ("rope", "nope", None):
+        raise CheckpointError(f"{source}: position_embedding_type {pos_type!r} is not supported (rope or nope)")
     rope_scaling = config.get("rope_scaling")
     rope_params = config.get("rope_parameters") or {}
     rope_type = (rope_scaling or {}).get("rope_type") or (rope_scaling or {}).get("type") or rope_params.get("rope_type", "default")
@@ -149,7 +152,18 @@ def arch_from_config(config: dict, source: str = "config.json") -> GraniteArch:
         bos_token_id=config.get("bos_token_id"),
         eos_token_id=config.get("eos_token_id"),
         pad_token_id=config.get("pad_token_id"),
+        layer_types=tuple(kinds),
+        rope=pos_type == "rope",
+        mamba=_mamba(config, source) if "mamba" in kinds else None,
     )
+
+
+def _mamba(config: dict, source: str) -> dict:
+    from .mamba import mamba_dims
+
+    dims = mamba_dims(config)
+    dims["eps"] = float(config.get("rms_norm_eps", 1e-6))
+    return dims
 
 
 def resolve_model(model: str, revision: str | None = None) -> tuple[Path, dict]:

@@ -14,7 +14,7 @@ from .. import __version__, progress
 from ..artifact import FORMAT, FORMAT_VERSION, ArtifactError, file_records, staging_dir, write_manifest
 from .checkpoint import CheckpointError, arch_from_config, read_config, resolve_model
 from .graph import MAX_OPSET, MIN_OPSET, build_decoder_graph
-from .io_spec import CACHE_LAYOUT, graph_io
+from .io_spec import CACHE_LAYOUT, graph_io, state_records
 from .validate import MIN_HALF_DECODE_STEPS
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,7 @@ def export(
                     "inputs": [s.to_dict() for s in inputs],
                     "outputs": [s.to_dict() for s in outputs],
                     "kv_cache": CACHE_LAYOUT,
+                    "state": state_records(arch, weight_dtype),
                 }
             },
             "tokenizer": {"files": [n for n in copied if n not in ("config.json", "generation_config.json")]},

@@ -31,6 +31,7 @@ from onnx import TensorProto, helper
 
 from .checkpoint import GraniteArch
 from .io_spec import cache_names, graph_io
+from .mamba import build_mamba_mixer, causal_masks
 
 NP_TO_ONNX = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
               "int64": TensorProto.INT64}
@@ -49,11 +50,12 @@ class GraphBuilder:
         self._data = data_file
         self._location = data_location
         self._names: dict[str, int] = {}
+        self._consts: dict[tuple, str] = {}
 
     def _fresh(self, hint: str) -> str:
         n = self._names.get(hint, 0)
         self._names[hint] = n + 1
-        return hint if n == 0 else f"{hint}_{n}"
+        return hint if n == 0 else f"{hint}__{n}"  # "__" never appears in a hint
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """Add a weight, stored in the external data file at an aligned offset."""
@@ -73,10 +75,13 @@ class GraphBuilder:
         return name
 
     def const(self, name: str, value, dtype=None) -> str:
-        """A small inline constant (shapes, scalars)."""
+        """A small inline constant (shapes, scalars); asking twice for the same one reuses it."""
         array = np.asarray(value, dtype=dtype)
-        self.initializers.append(onnx.numpy_helper.from_array(array, self._fresh(name)))
-        return self.initializers[-1].name
+        key = (name, array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self.initializers.append(onnx.numpy_helper.from_array(array, self._fresh(name)))
+            self._consts[key] = self.initializers[-1].name
+        return self._consts[key]
 
     def op(self, op_type: str, inputs: list[str], hint: str, outputs: int = 1, **attrs) -> str | list[str]:
         names = [self._fresh(f"{hint}" if outputs == 1 else f"{hint}_{i}") for i in range(outputs)]
@@ -150,7 +155,8 @@ def build_decoder_graph(
         cos = to_half(g.op("Cos", [freqs], "rope_cos"), "rope_cos_half")
         sin = to_half(g.op("Sin", [freqs], "rope_sin"), "rope_sin_half")
 
-        capacity = g.op("Gather", [g.op("Shape", [cache_names(0)[0]], "cache_shape"),
+        first_attention = a.attention_layers[0] if a.layer_types else 0
+        capacity = g.op("Gather", [g.op("Shape", [cache_names(first_attention)[0]], "cache_shape"),
                                    g.const("two", 2, np.int64)], "cache_capacity", axis=0)
         kv_pos = g.op("Range", [g.const("zero", 0, np.int64), capacity, g.const("one", 1, np.int64)], "kv_positions")
         q_pos = g.op("Unsqueeze", ["position_ids", g.const("axes_1_3", [1, 3], np.int64)], "q_positions")  # [B,1,S,1]
@@ -163,34 +169,8 @@ def build_decoder_graph(
         shape_merge = g.const("shape_merge", [0, 0, nH * D], np.int64)
         qkv_split = g.const("qkv_split", [nH * D, kvH * D, kvH * D], np.int64)
 
-        for i in range(a.num_layers):
-            p = f"model.layers.{i}"
-            past_k, past_v, present_k, present_v = cache_names(i)
-            # Attention block.
-            h = g.op("RMSNormalization", [x, g.weight(f"{p}.input_layernorm.weight", w32(f"{p}.input_layernorm.weight"))],
-                     f"l{i}/attn_norm", axis=-1, epsilon=a.rms_norm_eps)
-            h = to_half(h, f"l{i}/attn_norm_half")
-            w_qkv = np.concatenate([w(f"{p}.self_attn.q_proj.weight"), w(f"{p}.self_attn.k_proj.weight"),
-                                    w(f"{p}.self_attn.v_proj.weight")], axis=0).T
-            qkv = g.op("MatMul", [h, g.weight(f"{p}.self_attn.qkv_proj.weight_t", w_qkv)], f"l{i}/qkv")
-            q, k, v = g.op("Split", [qkv, qkv_split], f"l{i}/qkv_split", outputs=3, axis=-1)
-            q = g.op("Transpose", [g.op("Reshape", [q, shape_q], f"l{i}/q4")], f"l{i}/q_bhsd", perm=[0, 2, 1, 3])
-            k = g.op("Transpose", [g.op("Reshape", [k, shape_kv], f"l{i}/k4")], f"l{i}/k_bhsd", perm=[0, 2, 1, 3])
-            v = g.op("Transpose", [g.op("Reshape", [v, shape_kv], f"l{i}/v4")], f"l{i}/v_bhsd", perm=[0, 2, 1, 3])
-            q = g.op("RotaryEmbedding", [q, cos, sin], f"l{i}/q_rope")
-            k = g.op("RotaryEmbedding", [k, cos, sin], f"l{i}/k_rope")
-            # axis -2 is the capacity axis of the 4D cache (same as 2); TensorRT's parser accepts only -2.
-            g.nodes.append(helper.make_node("TensorScatter", [past_k, k, write_index], [present_k],
-                                            name=f"l{i}/write_key", axis=-2))
-            g.nodes.append(helper.make_node("TensorScatter", [past_v, v, write_index], [present_v],
-                                            name=f"l{i}/write_value", axis=-2))
-            y = g.op("Attention", [q, present_k, present_v, mask], f"l{i}/attention", **attention_attrs)
-            y = g.op("Reshape", [g.op("Transpose", [y], f"l{i}/y_bshd", perm=[0, 2, 1, 3]), shape_merge], f"l{i}/y")
-            o = g.op("MatMul", [y, g.weight(f"{p}.self_attn.o_proj.weight_t", w(f"{p}.self_attn.o_proj.weight").T)],
-                     f"l{i}/o_proj")
-            o = to_f32(o, f"l{i}/o_proj_f32")
-            x = g.op("Add", [x, g.op("Mul", [o, res_mult], f"l{i}/attn_scaled")], f"l{i}/attn_residual")
-            # MLP block: input_linear holds [gate; up], output_linear is down.
+        def mlp_block(x, i, p):
+            """RMSNorm + SwiGLU: input_linear holds [gate; up], output_linear is down."""
             h = g.op("RMSNormalization", [x, g.weight(f"{p}.post_attention_layernorm.weight",
                                                        w32(f"{p}.post_attention_layernorm.weight"))],
                      f"l{i}/mlp_norm", axis=-1, epsilon=a.rms_norm_eps)
@@ -203,7 +183,47 @@ def build_decoder_graph(
             down = g.op("MatMul", [act, g.weight(f"{p}.shared_mlp.output_linear.weight_t",
                                                  w(f"{p}.shared_mlp.output_linear.weight").T)], f"l{i}/down")
             down = to_f32(down, f"l{i}/down_f32")
-            x = g.op("Add", [x, g.op("Mul", [down, res_mult], f"l{i}/mlp_scaled")], f"l{i}/mlp_residual")
+            return g.op("Add", [x, g.op("Mul", [down, res_mult], f"l{i}/mlp_scaled")], f"l{i}/mlp_residual")
+
+        if a.mamba:
+            causal_incl, causal_strict = causal_masks(g, "input_ids")
+        for i in range(a.num_layers):
+            p = f"model.layers.{i}"
+            past_k, past_v, present_k, present_v = cache_names(i)
+            h = g.op("RMSNormalization", [x, g.weight(f"{p}.input_layernorm.weight", w32(f"{p}.input_layernorm.weight"))],
+                     f"l{i}/attn_norm", axis=-1, epsilon=a.rms_norm_eps)
+            h = to_half(h, f"l{i}/attn_norm_half")
+            if a.layer_types and a.layer_types[i] == "mamba":
+                # Mamba2 block: projections in the export precision, the scan in float32.
+                o = build_mamba_mixer(g, h, f"{p}.mamba", f"l{i}/mamba", a.mamba, w32, w, to_half, to_f32,
+                                      f"past_key_values.{i}.conv", f"past_key_values.{i}.ssm",
+                                      f"present.{i}.conv", f"present.{i}.ssm", causal_incl, causal_strict)
+                x = g.op("Add", [x, g.op("Mul", [o, res_mult], f"l{i}/mamba_scaled")], f"l{i}/mamba_residual")
+                x = mlp_block(x, i, p)
+                continue
+            # Attention block.
+            w_qkv = np.concatenate([w(f"{p}.self_attn.q_proj.weight"), w(f"{p}.self_attn.k_proj.weight"),
+                                    w(f"{p}.self_attn.v_proj.weight")], axis=0).T
+            qkv = g.op("MatMul", [h, g.weight(f"{p}.self_attn.qkv_proj.weight_t", w_qkv)], f"l{i}/qkv")
+            q, k, v = g.op("Split", [qkv, qkv_split], f"l{i}/qkv_split", outputs=3, axis=-1)
+            q = g.op("Transpose", [g.op("Reshape", [q, shape_q], f"l{i}/q4")], f"l{i}/q_bhsd", perm=[0, 2, 1, 3])
+            k = g.op("Transpose", [g.op("Reshape", [k, shape_kv], f"l{i}/k4")], f"l{i}/k_bhsd", perm=[0, 2, 1, 3])
+            v = g.op("Transpose", [g.op("Reshape", [v, shape_kv], f"l{i}/v4")], f"l{i}/v_bhsd", perm=[0, 2, 1, 3])
+            if a.rope:  # Granite 4.0 H attention layers are NoPE
+                q = g.op("RotaryEmbedding", [q, cos, sin], f"l{i}/q_rope")
+                k = g.op("RotaryEmbedding", [k, cos, sin], f"l{i}/k_rope")
+            # axis -2 is the capacity axis of the 4D cache (same as 2); TensorRT's parser accepts only -2.
+            g.nodes.append(helper.make_node("TensorScatter", [past_k, k, write_index], [present_k],
+                                            name=f"l{i}/write_key", axis=-2))
+            g.nodes.append(helper.make_node("TensorScatter", [past_v, v, write_index], [present_v],
+                                            name=f"l{i}/write_value", axis=-2))
+            y = g.op("Attention", [q, present_k, present_v, mask], f"l{i}/attention", **attention_attrs)
+            y = g.op("Reshape", [g.op("Transpose", [y], f"l{i}/y_bshd", perm=[0, 2, 1, 3]), shape_merge], f"l{i}/y")
+            o = g.op("MatMul", [y, g.weight(f"{p}.self_attn.o_proj.weight_t", w(f"{p}.self_attn.o_proj.weight").T)],
+                     f"l{i}/o_proj")
+            o = to_f32(o, f"l{i}/o_proj_f32")
+            x = g.op("Add", [x, g.op("Mul", [o, res_mult], f"l{i}/attn_scaled")], f"l{i}/attn_residual")
+            x = mlp_block(x, i, p)
 
         # Keep the last k positions (k = num_logits_to_keep, 0 = all) before the norm and head.
         seq_len = g.op("Gather", [g.op("Shape", ["input_ids"], "ids_shape"), g.const("one_idx", [1], np.int64)],

@@ -31,7 +31,7 @@ CACHE_LAYOUT = {
     "kind": "fixed_capacity_in_place",
     "tensor_layout": [BATCH, "kv_heads", CACHE_CAPACITY, "head_dim"],
     "write_position": "position_ids[:, 0]",
-    "write_op": "TensorScatter (opset 24, mode=linear, axis=2)",
+    "write_op": "TensorScatter (opset 24, mode=linear, axis=-2)",
     "attention": "query at position p attends to cache positions 0..p",
     "in_place": "bind past_key_values.{i}.* and present.{i}.* to the same buffer",
 }
@@ -62,8 +62,35 @@ def cache_names(layer: int) -> tuple[str, str, str, str]:
     )
 
 
+def state_records(arch: GraniteArch, cache_dtype: str = "float32") -> list[dict]:
+    """Every per-sequence state tensor, for the manifest's `state` record (what engines allocate).
+
+    kv: attention K/V, written in place by TensorScatter. conv: the Mamba2 conv
+    window (the graph reads the whole input before writing it, so in place is
+    safe). ssm: the Mamba2 state, read by two branches, one of which also
+    writes it: engines give it a separate output buffer. Mamba states stay
+    float32 at every export precision.
+    """
+    records = []
+    for i, kind in enumerate(arch.layer_types or ("attention",) * arch.num_layers):
+        if kind == "attention":
+            past_k, past_v, present_k, present_v = cache_names(i)
+            shape = [arch.num_kv_heads, CACHE_CAPACITY, arch.head_dim]
+            records += [{"input": past_k, "output": present_k, "kind": "kv", "layer": i, "shape": shape,
+                         "dtype": cache_dtype, "in_place": True},
+                        {"input": past_v, "output": present_v, "kind": "kv", "layer": i, "shape": shape,
+                         "dtype": cache_dtype, "in_place": True}]
+        else:
+            m = arch.mamba
+            records += [{"input": f"past_key_values.{i}.conv", "output": f"present.{i}.conv", "kind": "conv",
+                         "layer": i, "shape": [m["conv_dim"], m["d_conv"]], "dtype": "float32", "in_place": True},
+                        {"input": f"past_key_values.{i}.ssm", "output": f"present.{i}.ssm", "kind": "ssm",
+                         "layer": i, "shape": [m["heads"], m["head_dim"], m["d_state"]], "dtype": "float32",
+                         "in_place": False}]
+    return records
+
+
 def graph_io(arch: GraniteArch, cache_dtype: str = "float32") -> tuple[list[TensorSpec], list[TensorSpec]]:
-    cache_shape = (BATCH, arch.num_kv_heads, CACHE_CAPACITY, arch.head_dim)
     inputs = [
         TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
         TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
@@ -73,8 +100,8 @@ def graph_io(arch: GraniteArch, cache_dtype: str = "float32") -> tuple[list[Tens
         TensorSpec("num_logits_to_keep", "int64", (), default=0),
     ]
     outputs = [TensorSpec("logits", "float32", (BATCH, "kept_positions", arch.vocab_size))]
-    for i in range(arch.num_layers):
-        past_k, past_v, present_k, present_v = cache_names(i)
-        inputs += [TensorSpec(past_k, cache_dtype, cache_shape), TensorSpec(past_v, cache_dtype, cache_shape)]
-        outputs += [TensorSpec(present_k, cache_dtype, cache_shape), TensorSpec(present_v, cache_dtype, cache_shape)]
+    for st in state_records(arch, cache_dtype):
+        shape = (BATCH, *st["shape"])
+        inputs.append(TensorSpec(st["input"], st["dtype"], shape))
+        outputs.append(TensorSpec(st["output"], st["dtype"], shape))
     return inputs, outputs

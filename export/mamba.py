@@ -38,7 +38,7 @@ def mamba_dims(config: dict) -> dict:
         raise CheckpointError(f"config.json: mamba_n_groups = {groups} is not supported (every Granite 4.0 H model uses 1)")
     if heads * head_dim != intermediate:
         raise CheckpointError(f"config.json: mamba_n_heads * mamba_d_head = {heads * head_dim} != mamba_expand * hidden_size = {intermediate}")
-    limit = config.get("time_step_limit") or (0.0, float("inf"))
+    limit = [_json_float(v) for v in (config.get("time_step_limit") or (0.0, float("inf")))]
     return {
         "intermediate": intermediate,
         "groups": groups,
@@ -53,25 +53,42 @@ def mamba_dims(config: dict) -> dict:
     }
 
 
+def _json_float(value) -> float:
+    """transformers 5.x writes infinity as {"__float__": "Infinity"}; others write Infinity or a string."""
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
+
+
 def state_shapes(m: dict) -> dict:
     """Per-sequence state shapes (without the batch dimension)."""
     return {"conv": (m["conv_dim"], m["d_conv"]), "ssm": (m["heads"], m["head_dim"], m["d_state"])}
 
 
-def build_mamba_mixer(g, h: str, prefix: str, tag: str, m: dict, w, conv_in: str, ssm_in: str,
-                      conv_out: str, ssm_out: str, causal_incl: str, causal_strict: str) -> str:
-    """Append one Mamba2 mixer to GraphBuilder g. h: normed hidden [B, L, H]; returns the mixer output [B, L, H].
+def _same(t, hint):
+    return t
 
-    w(name) gives a float32 numpy weight. causal_incl / causal_strict are the
-    shared [L, L] boolean masks j <= i and j < i.
+
+def build_mamba_mixer(g, h: str, prefix: str, tag: str, m: dict, w, w_proj=None, to_half=_same, to_f32=_same,
+                      conv_in: str = "", ssm_in: str = "", conv_out: str = "", ssm_out: str = "",
+                      causal_incl: str = "", causal_strict: str = "") -> str:
+    """Append one Mamba2 mixer to GraphBuilder g. h: normed hidden [B, L, H] in the export
+    precision; returns the mixer output [B, L, H] in float32.
+
+    w(name) gives a float32 numpy weight; w_proj(name) the in/out projection
+    weights in the export precision (to_half/to_f32 cast around them).
+    causal_incl / causal_strict are the shared [L, L] masks j <= i and j < i.
     """
+    w_proj = w_proj or w
     from onnx import helper
 
     I, N, nh, hd, K, C = m["intermediate"], m["d_state"], m["heads"], m["head_dim"], m["d_conv"], m["conv_dim"]
     f32 = np.float32
     i64 = np.int64
     # 1. input projection: [z | xBC | dt]
-    proj = g.op("MatMul", [h, g.weight(f"{prefix}.in_proj.weight_t", w(f"{prefix}.in_proj.weight").T)], f"{tag}/in_proj")
+    proj = g.op("MatMul", [h, g.weight(f"{prefix}.in_proj.weight_t", w_proj(f"{prefix}.in_proj.weight").T)],
+                f"{tag}/in_proj")
+    proj = to_f32(proj, f"{tag}/in_proj_f32")
     z, xbc, dt = g.op("Split", [proj, g.const("mamba_split", [I, C, nh], i64)], f"{tag}/split", outputs=3, axis=-1)
 
     # 2. causal depthwise conv over [cached last K inputs | new inputs]
@@ -146,8 +163,9 @@ def build_mamba_mixer(g, h: str, prefix: str, tag: str, m: dict, w, conv_in: str
     gated = g.op("Mul", [y, g.op("Mul", [z, g.op("Sigmoid", [z], f"{tag}/z_sig")], f"{tag}/z_silu")], f"{tag}/gated")
     normed = g.op("RMSNormalization", [gated, g.weight(f"{prefix}.norm.weight", w(f"{prefix}.norm.weight"))],
                   f"{tag}/norm", axis=-1, epsilon=m["eps"])
-    return g.op("MatMul", [normed, g.weight(f"{prefix}.out_proj.weight_t", w(f"{prefix}.out_proj.weight").T)],
-                f"{tag}/out_proj")
+    out = g.op("MatMul", [to_half(normed, f"{tag}/norm_half"),
+                          g.weight(f"{prefix}.out_proj.weight_t", w_proj(f"{prefix}.out_proj.weight").T)], f"{tag}/out_proj")
+    return to_f32(out, f"{tag}/out_proj_f32")
 
 
 def causal_masks(g, ref: str) -> tuple[str, str]:

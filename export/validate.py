@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .io_spec import cache_names
+from .io_spec import CACHE_CAPACITY, state_records
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -95,33 +95,39 @@ def reference_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], n
 
 def run_graph_teacher_forced(session, arch, sequences: list[list[int]], prompt_lens: list[int],
                              cache_dtype: str = "float32") -> list[np.ndarray]:
-    """Prefill every prompt in one right-padded batch, then decode the rest one token per step.
+    """Prefill every prompt, then decode the rest one token per step, all rows batched.
 
+    KV-only models prefill in one right-padded batch (pad positions write cache
+    slots that are masked, then overwritten). Recurrent (Mamba) state would absorb
+    the padding, so hybrid models prefill row by row, as the engine does.
     Returns, per sequence, logits at positions 0..len-2 (the positions that predict a next token).
     """
     batch = len(sequences)
     capacity = max(len(s) for s in sequences) + 1
-    cache = {}
-    for i in range(arch.num_layers):
-        for name in cache_names(i)[:2]:
-            cache[name] = np.zeros((batch, arch.num_kv_heads, capacity, arch.head_dim), numpy_dtype(cache_dtype))
+    records = state_records(arch, cache_dtype)
+    cache = {st["input"]: np.zeros((batch, *[capacity if d == CACHE_CAPACITY else d for d in st["shape"]]),
+                                   numpy_dtype(st["dtype"])) for st in records}
     out_names = [o.name for o in session.get_outputs()]
 
-    def step(ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        results = dict(zip(out_names, session.run(None, {"input_ids": ids, "position_ids": pos, **cache})))
-        for i in range(arch.num_layers):
-            past_k, past_v, present_k, present_v = cache_names(i)
-            cache[past_k], cache[past_v] = results[present_k], results[present_v]
+    def step(ids: np.ndarray, pos: np.ndarray, rows=slice(None)) -> np.ndarray:
+        feeds = {"input_ids": ids, "position_ids": pos, **{k: v[rows] for k, v in cache.items()}}
+        results = dict(zip(out_names, session.run(None, feeds)))
+        for st in records:
+            cache[st["input"]][rows] = results[st["output"]]
         return np.asarray(results["logits"], np.float32)
 
-    pad = 0
-    plen = max(prompt_lens)
-    ids = np.full((batch, plen), pad, np.int64)
-    for b, (s, n) in enumerate(zip(sequences, prompt_lens)):
-        ids[b, :n] = s[:n]
-    pos = np.tile(np.arange(plen, dtype=np.int64), (batch, 1))
-    prefill = step(ids, pos)
-    collected = [[prefill[b, : prompt_lens[b]]] for b in range(batch)]
+    if arch.mamba:
+        collected = []
+        for b, (s, n) in enumerate(zip(sequences, prompt_lens)):
+            logits = step(np.array([s[:n]], np.int64), np.arange(n, dtype=np.int64)[None], slice(b, b + 1))
+            collected.append([logits[0]])
+    else:
+        plen = max(prompt_lens)
+        ids = np.zeros((batch, plen), np.int64)
+        for b, (s, n) in enumerate(zip(sequences, prompt_lens)):
+            ids[b, :n] = s[:n]
+        prefill = step(ids, np.tile(np.arange(plen, dtype=np.int64), (batch, 1)))
+        collected = [[prefill[b, : prompt_lens[b]]] for b in range(batch)]
     decode_steps = max(len(s) - n for s, n in zip(sequences, prompt_lens)) - 1
     for t in range(decode_steps):
         ids = np.array([[s[min(n + t, len(s) - 1)]] for s, n in zip(sequences, prompt_lens)], np.int64)
@@ -293,7 +299,8 @@ def activation_report(model, prompts: list[list[int]]) -> dict:
             hooks.append(lin.register_forward_hook(lambda m, a, out, f=mlp: f(out)))
         hooks.append(down.register_forward_pre_hook(lambda m, a, f=mlp: f(a[0])))
         hooks.append(down.register_forward_hook(lambda m, a, out, f=br: f(out)))
-        hooks.append(layer.self_attn.o_proj.register_forward_hook(lambda m, a, out, f=br: f(out)))
+        mixer_out = layer.self_attn.o_proj if getattr(layer, "self_attn", None) is not None else layer.mamba.out_proj
+        hooks.append(mixer_out.register_forward_hook(lambda m, a, out, f=br: f(out)))
     try:
         with torch.no_grad():
             for p in prompts:

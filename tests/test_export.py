@@ -227,16 +227,21 @@ def test_missing_and_non_granite_folders(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_hybrid_mamba_is_refused_clearly(tmp_path):
-    config = json.loads(Path(__file__).parent.parent.joinpath("../shared/reference/configs/granite-4.0-h-350m.json").read_text()) \
-        if Path(__file__).parent.parent.joinpath("../shared/reference/configs/granite-4.0-h-350m.json").exists() else {
-            "model_type": "granitemoehybrid", "num_hidden_layers": 4, "layer_types": ["mamba", "attention", "mamba", "mamba"]}
-    (tmp_path / "h").mkdir()
-    (tmp_path / "h" / "config.json").write_text(json.dumps(config))
-    r = cli("export", "--model", str(tmp_path / "h"), "--output", str(tmp_path / "out"))
+def test_unsupported_granite_variants_are_refused_clearly(tmp_path):
+    """MoE Granite (e.g. granite-4.0-h-tiny) is not supported yet: say so, write nothing."""
+    config = {"model_type": "granitemoehybrid", "num_hidden_layers": 2, "layer_types": ["mamba", "attention"],
+              "num_local_experts": 8, "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 100}
+    (tmp_path / "moe").mkdir()
+    (tmp_path / "moe" / "config.json").write_text(json.dumps(config))
+    r = cli("export", "--model", str(tmp_path / "moe"), "--output", str(tmp_path / "out"))
     assert r.returncode == 2
-    assert "hybrid Mamba2" in r.stderr and "not yet supported" in r.stderr
+    assert "mixture-of-experts" in r.stderr and "not yet supported" in r.stderr and "Supported:" in r.stderr
     assert not (tmp_path / "out").exists()
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({**config, "num_local_experts": 0,
+                                                              "layer_types": ["mamba", "conv"]}))
+    r = cli("export", "--model", str(tmp_path / "odd"), "--output", str(tmp_path / "out"))
+    assert r.returncode == 2 and "layer_types[1] = 'conv'" in r.stderr
 
 
 def test_output_must_be_empty_unless_forced(tiny_checkpoint, tmp_path):

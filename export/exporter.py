@@ -118,8 +118,9 @@ def export(
             import transformers
             from transformers import AutoModelForCausalLM
 
-            if not progress.enabled():
+            if not progress.enabled():  # quiet off a terminal, including transformers' own chatter
                 transformers.utils.logging.disable_progress_bar()
+                transformers.utils.logging.set_verbosity_error()
 
             torch_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
             state = torch_model.state_dict()

@@ -109,3 +109,16 @@ def test_greedy_equals_transformers_joining_and_leaving(hybrid_artifact, hf):
         if tokenizer.eos_token_id in expected:
             expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
         assert got == expected
+
+
+def test_fp16_hybrid_export_and_tensorrt_op_check(hybrid_checkpoint, tmp_path):
+    """Half precision keeps the scan (cumsum, exp of segment sums) and the Mamba states in float32."""
+    from granite_deploy.export.opcheck import check_graph_file
+
+    art = export(hybrid_checkpoint, tmp_path / "fp16", dtype="fp16")
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["validation"]["passed"] and m["validation"]["greedy_agreement"] >= 0.95
+    assert {s["dtype"] for s in m["graphs"]["decoder"]["state"] if s["kind"] in ("conv", "ssm")} == {"float32"}
+    assert {s["dtype"] for s in m["graphs"]["decoder"]["state"] if s["kind"] == "kv"} == {"float16"}
+    report = check_graph_file(art / "model.onnx")
+    assert report.ok, report

@@ -230,7 +230,13 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, **config_overrides)
                 param.normal_(0.0, 1.0)
             else:
                 param.normal_(0.0, 3.0 / param.shape[-1] ** 0.5)
-    model.save_pretrained(out_dir)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a tiny model saves instantly; keep output clean
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        hf_logging.enable_progress_bar()
     GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
     ).save_pretrained(out_dir)

@@ -235,6 +235,12 @@ class Scheduler:
                 self.on_step(self.counts())
 
     def _admit(self) -> None:
+        # A request cancelled while queued leaves the queue now (and gets its final event),
+        # not when a slot frees up: it must not hold queue capacity or its caller.
+        if any(seq.cancelled for seq in self._waiting):
+            for seq in [s for s in self._waiting if s.cancelled]:
+                self._waiting.remove(seq)
+                self._emit_final(seq, StopReason.CANCELLED)
         while self._waiting and len(self._running) < self.max_running:
             seq = self._waiting.popleft()
             if seq.cancelled:

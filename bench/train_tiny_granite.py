@@ -69,7 +69,8 @@ def _collect_docstrings() -> tuple[str, str, dict]:
         except (ImportError, ValueError):
             continue
         if spec is not None and spec.submodule_search_locations:
-            for info in pkgutil.walk_packages(spec.submodule_search_locations, prefix=top + ".", onerror=lambda _: None):
+            for info in pkgutil.walk_packages(spec.submodule_search_locations, prefix=top + ".",
+                                              onerror=lambda _: None):
                 parts = info.name.split(".")
                 if not any(p.startswith("_") or p in ("test", "tests", "idle_test") for p in parts[1:]):
                     names.add(info.name)

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .io_spec import cache_names
+from .io_spec import CACHE_CAPACITY, state_records
 
 DEFAULT_THRESHOLDS = {
     "int8": {"max_ppl_increase": 0.02, "min_greedy_agreement": 0.90},
@@ -129,50 +129,70 @@ def open_session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _arch(arch) -> SimpleNamespace:
-    return SimpleNamespace(**arch) if isinstance(arch, dict) else arch
+def _arch(arch):
+    """The architecture as the graph runners want it (GraniteArch; manifests store it as a dict)."""
+    if not isinstance(arch, dict):
+        return arch
+    from dataclasses import fields
+
+    from .checkpoint import GraniteArch
+
+    names = {f.name for f in fields(GraniteArch)}
+    kwargs = {k: v for k, v in arch.items() if k in names}
+    if "layer_types" in kwargs:
+        kwargs["layer_types"] = tuple(kwargs["layer_types"] or ())
+    try:
+        return GraniteArch(**kwargs)
+    except TypeError:  # a manifest from another version: fall back to attribute access
+        return SimpleNamespace(**{"layer_types": (), "mamba": None, **arch})
 
 
-def _run(session, arch, ids: np.ndarray, pos: np.ndarray, cache: dict) -> np.ndarray:
-    out_names = [o.name for o in session.get_outputs()]
-    results = dict(zip(out_names, session.run(None, {"input_ids": ids, "position_ids": pos, **cache})))
-    for i in range(arch.num_layers):
-        past_k, past_v, present_k, present_v = cache_names(i)
-        cache[past_k], cache[past_v] = results[present_k], results[present_v]
-    return np.asarray(results["logits"], np.float32)
+class _State:
+    """Zeroed per-sequence state (KV cache, Mamba conv/ssm) for `batch` rows, fed and updated per step."""
 
+    def __init__(self, session, arch, batch: int, capacity: int):
+        self.records = state_records(arch)
+        self.tensors = {st["input"]: np.zeros((batch, *[capacity if d == CACHE_CAPACITY else d for d in st["shape"]]),
+                                              np.dtype(st["dtype"])) for st in self.records}
+        self.session = session
+        self.out_names = [o.name for o in session.get_outputs()]
 
-def _empty_cache(arch, batch: int, capacity: int) -> dict:
-    return {name: np.zeros((batch, arch.num_kv_heads, capacity, arch.head_dim), np.float32)
-            for i in range(arch.num_layers) for name in cache_names(i)[:2]}
+    def step(self, ids: np.ndarray, pos: np.ndarray, rows=slice(None)) -> np.ndarray:
+        feeds = {"input_ids": ids, "position_ids": pos, **{k: v[rows] for k, v in self.tensors.items()}}
+        results = dict(zip(self.out_names, self.session.run(None, feeds)))
+        for st in self.records:
+            self.tensors[st["input"]][rows] = results[st["output"]]
+        return np.asarray(results["logits"], np.float32)
 
 
 def greedy_decode(session, arch, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], list[np.ndarray]]:
-    """Greedy continuation of each prompt (batched, right-padded prefill, then one token per step).
+    """Greedy continuation of each prompt: prefill (one right-padded batch; row by row for hybrid models,
+    whose recurrent state would absorb padding), then all rows decode one token per step.
 
     Returns the sequences (prompt + `steps` tokens) and, per sequence, the logits at positions
     0..len-2, the same layout as `validate.run_graph_teacher_forced`.
     """
     arch = _arch(arch)
     batch, lens = len(prompts), [len(p) for p in prompts]
-    cache = _empty_cache(arch, batch, max(lens) + steps + 1)
-    ids = np.zeros((batch, max(lens)), np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = p
-    pos = np.tile(np.arange(max(lens), dtype=np.int64), (batch, 1))
-    prefill = _run(session, arch, ids, pos, cache)
+    state = _State(session, arch, batch, max(lens) + steps + 1)
+    if getattr(arch, "mamba", None):
+        collected = [[state.step(np.array([p], np.int64), np.arange(len(p), dtype=np.int64)[None],
+                                 slice(b, b + 1))[0]] for b, p in enumerate(prompts)]
+    else:
+        ids = np.zeros((batch, max(lens)), np.int64)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = p
+        prefill = state.step(ids, np.tile(np.arange(max(lens), dtype=np.int64), (batch, 1)))
+        collected = [[prefill[b, : lens[b]]] for b in range(batch)]
     seqs = [list(p) for p in prompts]
-    collected = [[prefill[b, : lens[b]]] for b in range(batch)]
-    last = np.stack([prefill[b, lens[b] - 1] for b in range(batch)])
+    last = np.stack([c[0][-1] for c in collected])
     for t in range(steps):
         nxt = last.argmax(-1)
         for b in range(batch):
             seqs[b].append(int(nxt[b]))
         if t == steps - 1:
             break
-        ids = nxt.astype(np.int64)[:, None]
-        pos = np.array([[n + t] for n in lens], np.int64)
-        last = _run(session, arch, ids, pos, cache)[:, -1]
+        last = state.step(nxt.astype(np.int64)[:, None], np.array([[n + t] for n in lens], np.int64))[:, -1]
         for b in range(batch):
             collected[b].append(last[b][None])
     return seqs, [np.concatenate(c, axis=0) for c in collected]
@@ -185,7 +205,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def token_nll(session, arch, windows: list[list[int]], batch: int = 2) -> np.ndarray:
-    """Negative log-likelihood of every token after the first of each window (teacher-forced prefill)."""
+    """Negative log-likelihood of every token after the first of each window (teacher-forced prefill
+    from position 0; windows of equal length share a batch, so nothing is padded)."""
     arch = _arch(arch)
     out = []
     groups: dict[int, list[list[int]]] = {}
@@ -195,7 +216,7 @@ def token_nll(session, arch, windows: list[list[int]], batch: int = 2) -> np.nda
         for i in range(0, len(group), batch):
             chunk = np.array(group[i: i + batch], np.int64)
             pos = np.tile(np.arange(length, dtype=np.int64), (len(chunk), 1))
-            logits = _run(session, arch, chunk, pos, _empty_cache(arch, len(chunk), length))
+            logits = _State(session, arch, len(chunk), length).step(chunk, pos)
             logp = _log_softmax(logits[:, :-1])
             out.append(-np.take_along_axis(logp, chunk[:, 1:, None], axis=-1)[..., 0].ravel())
     return np.concatenate(out)

@@ -129,7 +129,8 @@ def _find_head(model, inits: dict):
     if attrs.get("transA") and attrs["transA"].i or "transB" not in attrs or attrs["transB"].i != 1 \
             or any(k in attrs and attrs[k].f != 1.0 for k in ("alpha", "beta")):
         return None, None
-    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == gemm.input[1]]
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == gemm.input[1]
+               and all(a.i == 0 for a in n.attribute if a.name == "axis")]
     return gemm, (gathers[0] if len(gathers) == 1 else None)
 
 
@@ -141,7 +142,7 @@ def _head_to_matmul(model, gemm) -> str:
     weight = _to_array(inits[gemm.input[1]])
     model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T), HEAD_NAME))
     matmul = helper.make_node("MatMul", [gemm.input[0], HEAD_NAME], list(gemm.output), name="lm_head/MatMul")
-    nodes = [matmul if n is gemm else n for n in model.graph.node]
+    nodes = [matmul if n.op_type == "Gemm" and list(n.output) == list(gemm.output) else n for n in model.graph.node]
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     return matmul.output[0]
@@ -203,7 +204,7 @@ def quantize_nbits(model, bits: int, block_size: int, accuracy_level: int | None
                 name="embed/GatherBlockQuantized", domain="com.microsoft",
                 gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits,
             )
-            nodes = [lookup if n.name == gather.name and list(n.output) == list(gather.output) else n
+            nodes = [lookup if n.op_type == "Gather" and list(n.output) == list(gather.output) else n
                      for n in model.graph.node]
             model.graph.ClearField("node")
             model.graph.node.extend(nodes)
@@ -224,7 +225,6 @@ def quantize_qdq(model, quantize_head: bool = True) -> dict:
         _head_to_matmul(model, gemm)
     inits = _initializers(model)
     new_nodes, quantized = [], []
-    replaced: set[str] = set()
     for node in model.graph.node:
         if node.op_type == "MatMul" and node.input[1] in inits and inits[node.input[1]].data_type == TensorProto.FLOAT:
             name = node.input[1]
@@ -240,13 +240,12 @@ def quantize_qdq(model, quantize_head: bool = True) -> dict:
                 numpy_helper.from_array(scale, f"{name}_scale"),
                 numpy_helper.from_array(np.zeros(w.shape[1], np.int8), f"{name}_zero_point"),
             ])
-            new_nodes.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
-                                              [f"{name}_dequantized"], name=f"{node.name or name}/DequantizeLinear",
-                                              axis=1))
+            new_nodes.append(helper.make_node(
+                "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"],
+                name=f"{node.name or name}/DequantizeLinear", axis=1))
             new_nodes.append(helper.make_node("MatMul", [node.input[0], f"{name}_dequantized"], list(node.output),
                                               name=node.name))
             quantized.append(name)
-            replaced.add(name)
         else:
             new_nodes.append(node)
     model.graph.ClearField("node")
@@ -451,8 +450,8 @@ def quantize(
             "granularity": f"block of {block_size} along K" if method != "int8-qdq" else "per output channel",
             "symmetric": True,
             "weight_only": True,
-            "activations": ("float32 in the graph; MatMulNBits accuracy_level "
-                            f"{accuracy_level or 0} ({'int8 compute inside the kernel' if accuracy_level == 4 else 'float compute'})"
+            "activations": (f"float32 in the graph; MatMulNBits accuracy_level {accuracy_level or 0} ("
+                            + ("int8 compute inside the kernel" if accuracy_level == 4 else "float compute") + ")"
                             if method != "int8-qdq" else "float32"),
             "accuracy_level": accuracy_level if method != "int8-qdq" else None,
             "weights": done["weights"],

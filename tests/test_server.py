@@ -26,19 +26,13 @@ from granite_deploy.protos import generation_pb2 as g
 from granite_deploy.protos import generation_pb2_grpc as gg
 from granite_deploy.protos import granite_chat_pb2 as c
 from granite_deploy.protos import granite_chat_pb2_grpc as cg
+from granite_deploy.serve.bridge import Prepared
+from granite_deploy.serve.chat_service import CHAT_SERVICE, ChatEventBuilder, accumulate_chat
 from granite_deploy.serve.client import GraniteClient, build_chat_request, build_parameters
+from granite_deploy.serve.fmaas_service import FMAAS_SERVICE, FmaasStreamBuilder
 from granite_deploy.serve.sampling import SampledToken
 from granite_deploy.serve.scheduler import Event
-from granite_deploy.serve.server import (
-    CHAT_SERVICE,
-    FMAAS_SERVICE,
-    ChatEventBuilder,
-    FmaasStreamBuilder,
-    ServerConfig,
-    ServerThread,
-    _Prepared,
-    accumulate_chat,
-)
+from granite_deploy.serve.server import ServerConfig, ServerThread
 from granite_deploy.serve.stopping import StopReason
 
 SC = grpc.StatusCode
@@ -431,7 +425,7 @@ def test_chat_event_conversion_tool_calls():
 
 
 def test_fmaas_message_conversion():
-    p = _Prepared(requests=[], texts=["x"], sample=False)
+    p = Prepared(requests=[], texts=["x"], sample=False)
     b = FmaasStreamBuilder(None, p)
     assert b.messages([Event("token", text="", token=SampledToken(3), generated_count=1)]) == []  # held back
     (m,) = b.messages([Event("token", text="ab", token=SampledToken(4), generated_count=2),
@@ -833,7 +827,8 @@ def test_soak_mixed_requests_match_alone(tiny_artifact, slow):
         assert 160 <= completed < 200
         _wait(st.server.scheduler.idle, 5)
         m = st.server.metrics
-        assert m.value("running_requests") == 0 and m.value("waiting_requests") == 0
+        # the gauges are set at the end of each scheduler step, a moment after the last final event
+        _wait(lambda: m.value("running_requests") == 0 and m.value("waiting_requests") == 0, 5)
         _wait(lambda: sum(m.value("requests_finished_total", stop_reason=r.name) for r in StopReason) == 200, 5)
         assert m.value("cancellations_total") >= 1
         stubs[0].close()

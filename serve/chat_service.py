@@ -1,0 +1,341 @@
+"""granite.v1.ChatService: request conversion (conversation / FIM -> prompt), event building, the servicer.
+
+A stream is Start, TextDelta / ToolCall events (text goes through
+:class:`~.tool_calls.ToolCallStreamParser`, so a complete ``<tool_call>``
+block becomes a ToolCall), then exactly one Final. The unary Chat response is
+the accumulation of the same events.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from typing import TYPE_CHECKING, Callable
+
+import grpc
+
+from ..protos import granite_chat_pb2 as chat_pb2
+from ..protos import granite_chat_pb2_grpc as chat_grpc
+from .bridge import Bridge, Call, Prepared, RpcReject, final_fields, invalid, validated
+from .sampling import SamplingParams
+from .scheduler import Event, Request
+from .stopping import StopReason
+from .tool_calls import ToolCallStreamParser
+
+if TYPE_CHECKING:
+    from .server import GraniteServer
+
+log = logging.getLogger(__name__)
+
+CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name  # granite.v1.ChatService
+
+_CHAT_FIELDS = {"time_limit_s": "time_limit_millis"}
+
+
+# ============================================================================ request conversion
+
+def _conversation_dicts(conv: chat_pb2.Conversation) -> tuple[list[dict], list[dict] | None, list[dict] | None]:
+    """A Conversation as the chat template's messages / tools / documents (OpenAI shapes)."""
+    if not conv.messages:
+        raise invalid("conversation.messages: is empty (give at least one message)")
+    messages = []
+    for i, m in enumerate(conv.messages):
+        if not m.role:
+            raise invalid(f"conversation.messages[{i}].role: is empty")
+        d: dict = {"role": m.role, "content": m.content}
+        if m.HasField("name"):
+            d["name"] = m.name
+        if m.tool_calls:
+            calls = []
+            for j, c in enumerate(m.tool_calls):
+                try:
+                    args = json.loads(c.arguments_json) if c.arguments_json.strip() else {}
+                except ValueError as exc:
+                    raise invalid(f"conversation.messages[{i}].tool_calls[{j}].arguments_json: "
+                                  f"not valid JSON ({exc})") from None
+                calls.append({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": args}})
+            d["tool_calls"] = calls
+        if m.tool_call_id:
+            d["tool_call_id"] = m.tool_call_id
+        messages.append(d)
+    tools = None
+    if conv.tools:
+        tools = []
+        for i, t in enumerate(conv.tools):
+            kind = t.type or "function"
+            if kind != "function":
+                raise invalid(f"conversation.tools[{i}].type: only \"function\" is supported, got {kind!r}")
+            if not t.function.name:
+                raise invalid(f"conversation.tools[{i}].function.name: is empty")
+            try:
+                params = json.loads(t.function.parameters_json) if t.function.parameters_json.strip() else {}
+            except ValueError as exc:
+                raise invalid(f"conversation.tools[{i}].function.parameters_json: not valid JSON ({exc})") from None
+            if not isinstance(params, dict):
+                raise invalid(f"conversation.tools[{i}].function.parameters_json: must be a JSON object")
+            fn = {"name": t.function.name, "description": t.function.description, "parameters": params}
+            tools.append({"type": "function", "function": fn})
+    documents = None
+    if conv.documents:
+        documents = []
+        for d in conv.documents:
+            doc: dict = {}
+            if d.id:
+                doc["doc_id"] = d.id
+            if d.title:
+                doc["title"] = d.title
+            doc["text"] = d.text
+            doc.update(dict(d.metadata))
+            documents.append(doc)
+    return messages, tools, documents
+
+
+def _render_conversation(tokenizer, conv: chat_pb2.Conversation) -> str:
+    messages, tools, documents = _conversation_dicts(conv)
+    try:
+        return tokenizer.render_chat(messages, tools=tools, documents=documents, add_generation_prompt=True)
+    except ValueError as exc:  # ChatTemplateError included
+        raise invalid(f"conversation: the chat template failed: {exc}") from None
+
+
+# ============================================================================ event building
+
+def _chat_token_info(tokenizer, event: Event, logprobs: bool) -> chat_pb2.TokenInfo:
+    token = event.token
+    # the scheduler already decoded the token when logprobs were asked for
+    info = chat_pb2.TokenInfo(token_id=token.token_id, text=event.token_text or tokenizer.decode([token.token_id]))
+    if logprobs and token.logprob is not None:
+        info.logprob = token.logprob
+        info.rank = token.rank or 0
+    for tid, lp in token.top_tokens:
+        info.top_tokens.add(token_id=tid, text=tokenizer.decode([tid]), logprob=lp)
+    return info
+
+
+class ChatEventBuilder:
+    """Scheduler events -> ChatEvents: the conversion ChatStream and Chat both use.
+
+    Text deltas go through a ToolCallStreamParser, so a complete
+    ``<tool_call>...</tool_call>`` block comes out as one ToolCall event (name
+    and JSON arguments, also when the model wrote the arguments as a JSON
+    string) and never as text. Token details (logprobs / top_n_tokens) ride on
+    the next TextDelta; any left when the stream ends (e.g. the tokens of a
+    trailing tool call) come in one last TextDelta with empty text.
+    """
+
+    def __init__(self, tokenizer=None, logprobs: bool = False, top_n: int = 0, sample: bool = True,
+                 request_seed: int | None = None, call_id: Callable[[], str] | None = None):
+        self.tokenizer = tokenizer
+        self.logprobs, self.want_tokens = logprobs, bool(logprobs or top_n)
+        self.sample, self.request_seed = sample, request_seed
+        self.parser = ToolCallStreamParser()
+        self.n_calls = 0
+        self._pending_tokens: list[chat_pb2.TokenInfo] = []
+        self._call_id = call_id or (lambda: "call_" + secrets.token_hex(12))
+        self.final: Event | None = None
+
+    def _seed(self, seed: int | None) -> int:
+        return (seed or 0) if self.sample else (self.request_seed or 0)
+
+    def _tool_call(self, call) -> chat_pb2.ChatEvent:
+        ev = chat_pb2.ChatEvent(tool_call=chat_pb2.ToolCall(
+            index=self.n_calls, id=self._call_id(), name=call.name,
+            arguments_json=json.dumps(call.arguments, ensure_ascii=False)))
+        self.n_calls += 1
+        return ev
+
+    def _text(self, text: str, out: list) -> None:
+        """A TextDelta with `text` and the token details gathered so far (skipped when both are empty)."""
+        if not text and not self._pending_tokens:
+            return
+        out.append(chat_pb2.ChatEvent(text_delta=chat_pb2.ChatEvent.TextDelta(text=text, tokens=self._pending_tokens)))
+        self._pending_tokens = []
+
+    def events(self, batch: list[Event]) -> list[chat_pb2.ChatEvent]:
+        out: list[chat_pb2.ChatEvent] = []
+        for event in batch:
+            if event.kind == "start":
+                out.append(chat_pb2.ChatEvent(start=chat_pb2.ChatEvent.Start(
+                    prompt_token_count=event.prompt_token_count, seed=self._seed(event.seed))))
+            elif event.kind == "token":
+                if self.want_tokens and event.token is not None and self.tokenizer is not None:
+                    self._pending_tokens.append(_chat_token_info(self.tokenizer, event, self.logprobs))
+                text, calls = self.parser.feed(event.text)
+                if text:
+                    self._text(text, out)
+                out.extend(self._tool_call(c) for c in calls)
+            else:
+                tail, calls = self.parser.finish()
+                self._text(tail, out)
+                out.extend(self._tool_call(c) for c in calls)
+                self.final = event
+                out.append(chat_pb2.ChatEvent(final=chat_pb2.ChatEvent.Final(
+                    stop_reason=int(event.stop_reason), stop_sequence=event.stop_sequence,
+                    prompt_token_count=event.prompt_token_count, completion_token_count=event.generated_count,
+                    queue_time_ms=event.queue_time_s * 1000.0,
+                    time_to_first_token_ms=event.time_to_first_token_s * 1000.0)))
+        return out
+
+
+def accumulate_chat(events: list[chat_pb2.ChatEvent]) -> chat_pb2.ChatResponse:
+    """The ChatResponse equivalent to a ChatStream: content is the concatenated TextDelta texts."""
+    out = chat_pb2.ChatResponse()
+    content = []
+    for ev in events:
+        kind = ev.WhichOneof("event")
+        if kind == "start":
+            out.seed = ev.start.seed
+            out.prompt_token_count = ev.start.prompt_token_count
+        elif kind == "text_delta":
+            content.append(ev.text_delta.text)
+            out.tokens.extend(ev.text_delta.tokens)
+        elif kind == "tool_call":
+            out.tool_calls.append(ev.tool_call)
+        elif kind == "final":
+            f = ev.final
+            out.stop_reason, out.stop_sequence = f.stop_reason, f.stop_sequence
+            out.prompt_token_count, out.completion_token_count = f.prompt_token_count, f.completion_token_count
+            out.queue_time_ms, out.time_to_first_token_ms = f.queue_time_ms, f.time_to_first_token_ms
+    out.content = "".join(content)
+    return out
+
+
+# ============================================================================ the servicer
+
+class ChatServicer(chat_grpc.ChatServiceServicer):
+    """granite.v1.ChatService."""
+
+    def __init__(self, server: GraniteServer):
+        self.s = server
+
+    def _prepare(self, request: chat_pb2.ChatRequest) -> Prepared:
+        """Render the prompt, validate the parameters and tokenize (raises RpcReject)."""
+        self.s.check_ready()
+        which = request.WhichOneof("prompt")
+        if which == "conversation":
+            text, name = _render_conversation(self.s.tokenizer, request.conversation), "conversation"
+        elif which == "fim":
+            if not (request.fim.prefix or request.fim.suffix):
+                raise invalid("fim: prefix and suffix are both empty")
+            try:
+                text = self.s.tokenizer.fim_prompt(request.fim.prefix, request.fim.suffix)
+            except ValueError as exc:
+                raise invalid(f"fim: {exc}") from None
+            name = "fim"
+        else:
+            raise invalid("prompt: give a conversation or a fim input")
+        seed = request.seed if request.HasField("seed") else None
+        sampling = SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p or 1.0,
+                                  typical_p=request.typical_p or 1.0,
+                                  repetition_penalty=request.repetition_penalty or 1.0, seed=seed,
+                                  logprobs=request.logprobs, top_n_tokens=request.top_n_tokens)
+        include = (request.include_stop_sequence if request.HasField("include_stop_sequence")
+                   else self.s.config.chat_include_stop_sequence)
+        stopping = self.s.stopping_params(request.max_new_tokens, request.min_new_tokens, request.stop_sequences,
+                                          include, request.time_limit_millis, "max_new_tokens")
+        sampling, stopping = validated(sampling, stopping, _CHAT_FIELDS)
+        ids = self.s.encode_prompt(text, name)
+        return Prepared(requests=[Request(ids, sampling, stopping)], texts=[text], sample=not sampling.greedy,
+                        seed=seed)
+
+    def _start(self, request: chat_pb2.ChatRequest) -> tuple[Bridge, ChatEventBuilder]:
+        """Check, prepare and submit a ChatStream / Chat request (raises RpcReject)."""
+        self.s.check_model(request.model_id, "")
+        prepared = self._prepare(request)
+        bridge = self.s.submit(prepared.requests[0])
+        builder = ChatEventBuilder(self.s.tokenizer, logprobs=request.logprobs, top_n=request.top_n_tokens,
+                                   sample=prepared.sample, request_seed=prepared.seed)
+        return bridge, builder
+
+    async def ChatStream(self, request, context):
+        call = Call(self.s, context, "granite.v1.ChatService/ChatStream")
+        try:
+            bridge, builder = self._start(request)
+        except RpcReject as exc:
+            await call.reject(exc)
+            return
+        context.add_done_callback(lambda _ctx: bridge.cancel())
+        status = "CANCELLED"
+        try:
+            while builder.final is None:
+                for ev in builder.events(await bridge.get()):
+                    yield ev
+            status = "OK"
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            status = "INTERNAL"
+            log.exception("%s failed", call.rpc, extra={"fields": {"request_id": call.request_id}})
+            raise
+        finally:
+            bridge.cancel()
+            call.end(status, tool_calls=builder.n_calls, **final_fields(builder.final))
+
+    async def Chat(self, request, context):
+        call = Call(self.s, context, "granite.v1.ChatService/Chat")
+        try:
+            bridge, builder = self._start(request)
+        except RpcReject as exc:
+            return await call.reject(exc)
+        context.add_done_callback(lambda _ctx: bridge.cancel())
+        events: list[chat_pb2.ChatEvent] = []
+        status = "CANCELLED"
+        try:
+            while builder.final is None:
+                events.extend(builder.events(await bridge.get()))
+            final = builder.final
+            if final.stop_reason == StopReason.ERROR:
+                status = "INTERNAL"
+                call.end(status, **final_fields(final))
+                await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {final.error}")
+            status = "OK"
+            return accumulate_chat(events)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            status = "INTERNAL"
+            log.exception("%s failed", call.rpc, extra={"fields": {"request_id": call.request_id}})
+            raise
+        finally:
+            bridge.cancel()
+            call.end(status, tool_calls=builder.n_calls, **final_fields(builder.final))
+
+    async def Tokenize(self, request, context):
+        call = Call(self.s, context, "granite.v1.ChatService/Tokenize")
+        try:
+            self.s.check_ready()
+            self.s.check_model(request.model_id, "")
+            which = request.WhichOneof("input")
+            if which == "text":
+                text = request.text
+            elif which == "conversation":
+                text = _render_conversation(self.s.tokenizer, request.conversation)
+            else:
+                raise invalid("input: give text or conversation")
+            ids, offsets = self.s.encode_with_offsets(text)
+            out = chat_pb2.TokenizeResponse(token_count=len(ids))
+            if request.return_tokens:
+                out.token_ids.extend(ids)
+                out.tokens.extend(self.s.token_strings(ids))
+            if request.return_offsets:
+                for a, b in offsets:
+                    out.offsets.add(start=a, end=b)
+        except RpcReject as exc:
+            return await call.reject(exc)
+        call.end("OK", prompt_tokens=len(ids))
+        return out
+
+    async def ModelInfo(self, request, context):
+        call = Call(self.s, context, "granite.v1.ChatService/ModelInfo")
+        try:
+            self.s.check_ready()
+            self.s.check_model(request.model_id, "")
+        except RpcReject as exc:
+            return await call.reject(exc)
+        call.end("OK")
+        info = self.s.engine.info
+        device = str(info.device).split(":")[0]
+        return chat_pb2.ModelInfoResponse(model_id=self.s.model_id, context_length=self.s.context_window,
+                                          max_new_tokens=self.s.max_new_tokens_limit,
+                                          engine_kind=f"{info.kind}-{device}", precision=info.precision)

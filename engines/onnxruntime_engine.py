@@ -107,14 +107,26 @@ class OnnxRuntimeEngine(Engine):
     def _grow(self, needed: int) -> None:
         """KV buffers get capacity in whole blocks; existing rows are copied once."""
         new_cap = min(self.max_seq_len, -(-needed // CAPACITY_BLOCK) * CAPACITY_BLOCK)
-        if new_cap <= self.capacity:
-            return
+        if new_cap > self.capacity:
+            self._resize(new_cap)
+
+    def _maybe_shrink(self) -> None:
+        """Attention reads the whole capacity every step, so give back capacity that long
+        sequences left behind once the live ones fit in half of it (amortised: one copy
+        of the live rows per halving)."""
+        needed = -(-(max(self._length.values(), default=0) + 1) // CAPACITY_BLOCK) * CAPACITY_BLOCK
+        if self.capacity > CAPACITY_BLOCK and needed * 2 <= self.capacity:
+            self._resize(max(needed, CAPACITY_BLOCK))
+
+    def _resize(self, new_cap: int) -> None:
+        keep = min(new_cap, self.capacity)
+        rows = len(self._row)
         for st in self.states:
             if st["kind"] == "kv":
                 kv_heads, _, head_dim = st["shape"]
                 new = np.zeros((self.max_batch, kv_heads, new_cap, head_dim), st["dtype"])
-                if self.capacity:
-                    new[:, :, : self.capacity] = self._buffers[st["input"]]
+                if keep:
+                    new[:rows, :, :keep] = self._buffers[st["input"]][:rows, :, :keep]
                 self._buffers[st["input"]] = new
         self.capacity = new_cap
 
@@ -146,6 +158,7 @@ class OnnxRuntimeEngine(Engine):
                 else:
                     buf[row] = buf[last]
             self._row[mover] = row
+        self._maybe_shrink()
 
     # --- running --------------------------------------------------------------------------
     def _run(self, rows: slice, ids: np.ndarray, positions: np.ndarray, keep_last: bool) -> np.ndarray:

@@ -197,3 +197,21 @@ def test_render_cli_matches_apply_chat_template(artifact, tiny_checkpoint, tmp_p
     expected = AutoTokenizer.from_pretrained(tiny_checkpoint).apply_chat_template(
         messages, tools=tools, add_generation_prompt=True, tokenize=False)
     assert r.stdout.decode("utf-8") == expected
+
+
+def test_capacity_shrinks_after_a_long_sequence_leaves(artifact):
+    """Attention reads the whole capacity, so capacity left behind by a long sequence is given back."""
+    engine = load_engine(artifact, max_batch=2, threads=1)
+    alone = load_engine(artifact, max_batch=1, threads=1)
+    engine.reserve(0)
+    engine.step([Chunk(0, tuple(range(1, 301)), 0)])
+    assert engine.capacity == 512
+    engine.reserve(1)
+    alone.reserve(1)
+    short = (5, 6, 7, 8, 9)
+    np.testing.assert_allclose(engine.step([Chunk(1, short, 0)]), alone.step([Chunk(1, short, 0)]), atol=1e-5)
+    engine.release(0)  # the short sequence moves to row 0 and capacity halves
+    assert engine.capacity == 256
+    for i in range(3):
+        np.testing.assert_allclose(engine.step([Chunk(1, (10 + i,), 5 + i)]), alone.step([Chunk(1, (10 + i,), 5 + i)]),
+                                   atol=1e-5)

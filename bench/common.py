@@ -103,6 +103,42 @@ def measure_bandwidth_gbs(threads: int = 2, size_mib: int = 1024) -> float:
     return w.nbytes / best / 1e9
 
 
+def stream_read_gbs(threads: int = 2, size_mib: int = 1024) -> float:
+    """STREAM-style read bandwidth: `threads` threads each summing its own array
+    (numpy releases the GIL in the reduction), best of 5. This is the floor to beat:
+    a kernel cannot read weights faster than this."""
+    import threading
+
+    import numpy as np
+
+    arrays = [np.ones(size_mib * 2**20 // 4, np.float32) for _ in range(threads)]
+    best = float("inf")
+    for _ in range(5):
+        workers = [threading.Thread(target=a.sum, kwargs={"dtype": np.float32}) for a in arrays]
+        t = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - t)
+    return sum(a.nbytes for a in arrays) / best / 1e9
+
+
+def quantized_artifact(artifact: Path, method: str) -> Path:
+    """int8/int4 weight-only copy of a benchmark artifact, cached. Random weights make the
+    accuracy gate meaningless, so it is recorded but not enforced here (bench_quant_accuracy
+    gates on a trained model)."""
+    from granite_deploy.export.quantize import quantize
+
+    out = CACHE / f"{artifact.name}-{method}"
+    if (out / "manifest.json").exists():
+        return out
+    t = time.perf_counter()
+    quantize(artifact, out, method, force=True, skip_gate=True, decode_steps=4, ppl_max_tokens=64)
+    print(f"# quantized {method} in {time.perf_counter() - t:.0f} s: {out}", flush=True)
+    return out
+
+
 def peak_rss_gib() -> float:
     import resource
 

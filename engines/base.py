@@ -59,3 +59,17 @@ class Engine(ABC):
 
     def close(self) -> None:
         pass
+
+
+def check_chunks(chunks: list[Chunk], cached: dict[int, int], max_seq_len: int) -> None:
+    """Refuse a step the cache cannot take: unknown sequence, a gap or overlap with what is
+    cached (`cached`: seq_id -> tokens held), an empty chunk, or a sequence past max_seq_len."""
+    for c in chunks:
+        if c.seq_id not in cached:
+            raise EngineError(f"sequence {c.seq_id} has no cache slot (reserve it first)")
+        if c.start != cached[c.seq_id]:
+            raise EngineError(f"sequence {c.seq_id}: chunk starts at {c.start}, cache holds {cached[c.seq_id]}")
+        if not c.token_ids:
+            raise EngineError(f"sequence {c.seq_id}: empty chunk")
+        if c.start + len(c.token_ids) > max_seq_len:
+            raise CacheFull(f"sequence {c.seq_id} would exceed {max_seq_len} tokens")

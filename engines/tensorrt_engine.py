@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import load_manifest
-from .base import CacheFull, Chunk, Engine, EngineError, EngineInfo
+from .base import CacheFull, Chunk, Engine, EngineError, EngineInfo, check_chunks
 from .tensorrt_build import DECODE, PLANS_KEY, PREFILL, current_runtime, plan_compatibility
 
 log = logging.getLogger(__name__)
@@ -184,15 +184,7 @@ class TensorRTEngine(Engine):
     def step(self, chunks: list[Chunk]) -> np.ndarray:
         if not chunks:
             return np.zeros((0, self.info.vocab_size), np.float32)
-        for c in chunks:
-            if c.seq_id not in self._row:
-                raise EngineError(f"sequence {c.seq_id} has no cache slot (reserve it first)")
-            if c.start != self._length[c.seq_id]:
-                raise EngineError(f"sequence {c.seq_id}: chunk starts at {c.start}, cache holds {self._length[c.seq_id]}")
-            if not c.token_ids:
-                raise EngineError(f"sequence {c.seq_id}: empty chunk")
-            if c.start + len(c.token_ids) > self.max_seq_len:
-                raise CacheFull(f"sequence {c.seq_id} would exceed {self.max_seq_len} tokens")
+        check_chunks(chunks, self._length, self.max_seq_len)
         out = np.empty((len(chunks), self.info.vocab_size), np.float32)
 
         decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]

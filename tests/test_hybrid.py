@@ -122,3 +122,34 @@ def test_fp16_hybrid_export_and_tensorrt_op_check(hybrid_checkpoint, tmp_path):
     assert {s["dtype"] for s in m["graphs"]["decoder"]["state"] if s["kind"] == "kv"} == {"float16"}
     report = check_graph_file(art / "model.onnx")
     assert report.ok, report
+
+
+def test_grpc_streams_from_a_hybrid_artifact(hybrid_artifact, hf):
+    """fmaas GenerateStream from a hybrid artifact: transformers' greedy tokens, stream == unary."""
+    import grpc
+
+    from granite_deploy.protos import generation_pb2 as pb
+    from granite_deploy.protos import generation_pb2_grpc as pb_grpc
+    from granite_deploy.serve.server import ServerConfig, ServerThread
+
+    tokenizer = GraniteTokenizer.from_dir(hybrid_artifact)
+    prompt = PROMPTS[1]
+    ids = tokenizer.encode(prompt)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, attention_mask=torch.ones(1, len(ids)))
+    expected = out[0, len(ids):].tolist()
+    if tokenizer.eos_token_id in expected:
+        expected = expected[: expected.index(tokenizer.eos_token_id) + 1]
+    with ServerThread(ServerConfig(str(hybrid_artifact), host="127.0.0.1", port=0, max_batch=2)) as st:
+        with grpc.insecure_channel(f"127.0.0.1:{st.port}") as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            params = pb.Parameters(stopping=pb.StoppingCriteria(max_new_tokens=10))
+            params.response.generated_tokens = True
+            req = pb.SingleGenerationRequest(request=pb.GenerationRequest(text=prompt), params=params)
+            messages = list(stub.GenerateStream(req, timeout=60))
+            unary = stub.Generate(pb.BatchedGenerationRequest(requests=[pb.GenerationRequest(text=prompt)],
+                                                              params=params), timeout=60).responses[0]
+    streamed = "".join(m.text for m in messages)
+    assert messages[0].input_token_count == len(ids)
+    assert streamed == unary.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert messages[-1].generated_token_count == len(expected)

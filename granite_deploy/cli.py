@@ -152,8 +152,10 @@ def _cmd_serve(args) -> int:
         engine=args.engine, threads=args.threads, metrics_port=args.metrics_port or None,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token=args.auth_token, model_id=args.model_id, max_new_tokens_limit=args.max_new_tokens_limit,
-        max_message_bytes=args.max_message_bytes, drain_grace_s=args.grace,
+        max_message_bytes=args.max_message_bytes, drain_grace_s=args.grace, prefill_chunk=args.prefill_chunk,
     )
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UsageError("--prefill-chunk: must be >= 1")
     _setup_server_logging()
 
     def ready(server) -> None:
@@ -360,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-new-tokens-limit", type=int, default=None,
                    help="largest max_new_tokens accepted (default: min(1024, context - 1))")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens prefilled per step; bounds how long streams stall behind a new prompt "
+                        "(default 32 on CPU, 256 on GPU)")
     p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
                    help="largest gRPC message received or sent (default 16 MiB)")
     p.add_argument("--model-id", default=None, help="model id clients may name (default: the artifact folder name)")

@@ -467,7 +467,7 @@ def quantize(
                              "~17x slower than float32 MatMul for the 1B head on an AVX-512 CPU)"),
             "tools": {**_tool_versions(), "quantizer": (f"onnxruntime {onnxruntime.__version__} MatMulNBitsQuantizer"
                                                         if method != "int8-qdq" else
-                                                        f"granite_deploy.export.quantize (numpy), onnx")},
+                                                        "granite_deploy.export.quantize (numpy), onnx")},
         }
         manifest["accuracy"] = record
         manifest["tools"] = {**manifest.get("tools", {}), **_tool_versions()}

@@ -19,8 +19,9 @@ import json
 import logging
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 
@@ -135,6 +136,26 @@ class Call:
             return
         self.ended = True
         self._log("request_end", status=status, duration_ms=round((time.monotonic() - self.t0) * 1000, 3), **fields)
+
+    @contextmanager
+    def guard(self, cancel: Callable[[], None], fields: Callable[[], dict] = dict):
+        """Run an RPC body: end record OK when it completes, CANCELLED when the client goes
+        away (the generator is closed), INTERNAL (logged) on an error; an abort keeps the
+        record the body already wrote. Always cancels the generation (frees its slot)."""
+        status = "CANCELLED"
+        try:
+            yield
+            status = "OK"
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            status = "INTERNAL"
+            logging.getLogger(__name__).exception("%s failed", self.rpc,
+                                                  extra={"fields": {"request_id": self.request_id}})
+            raise
+        finally:
+            cancel()
+            self.end(status, **fields())
 
     async def reject(self, exc: RpcReject):
         self.server.metrics_rejected(exc.reason)

@@ -9,7 +9,6 @@ the accumulation of the same events.
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 from typing import TYPE_CHECKING, Callable
 
@@ -26,7 +25,6 @@ from .tool_calls import ToolCallStreamParser
 if TYPE_CHECKING:
     from .server import GraniteServer
 
-log = logging.getLogger(__name__)
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name  # granite.v1.ChatService
 
@@ -256,21 +254,10 @@ class ChatServicer(chat_grpc.ChatServiceServicer):
             await call.reject(exc)
             return
         context.add_done_callback(lambda _ctx: bridge.cancel())
-        status = "CANCELLED"
-        try:
+        with call.guard(bridge.cancel, lambda: {"tool_calls": builder.n_calls, **final_fields(builder.final)}):
             while builder.final is None:
                 for ev in builder.events(await bridge.get()):
                     yield ev
-            status = "OK"
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            status = "INTERNAL"
-            log.exception("%s failed", call.rpc, extra={"fields": {"request_id": call.request_id}})
-            raise
-        finally:
-            bridge.cancel()
-            call.end(status, tool_calls=builder.n_calls, **final_fields(builder.final))
 
     async def Chat(self, request, context):
         call = Call(self.s, context, "granite.v1.ChatService/Chat")
@@ -280,26 +267,14 @@ class ChatServicer(chat_grpc.ChatServiceServicer):
             return await call.reject(exc)
         context.add_done_callback(lambda _ctx: bridge.cancel())
         events: list[chat_pb2.ChatEvent] = []
-        status = "CANCELLED"
-        try:
+        with call.guard(bridge.cancel, lambda: {"tool_calls": builder.n_calls, **final_fields(builder.final)}):
             while builder.final is None:
                 events.extend(builder.events(await bridge.get()))
             final = builder.final
             if final.stop_reason == StopReason.ERROR:
-                status = "INTERNAL"
-                call.end(status, **final_fields(final))
+                call.end("INTERNAL", tool_calls=builder.n_calls, **final_fields(final))
                 await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {final.error}")
-            status = "OK"
             return accumulate_chat(events)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            status = "INTERNAL"
-            log.exception("%s failed", call.rpc, extra={"fields": {"request_id": call.request_id}})
-            raise
-        finally:
-            bridge.cancel()
-            call.end(status, tool_calls=builder.n_calls, **final_fields(builder.final))
 
     async def Tokenize(self, request, context):
         call = Call(self.s, context, "granite.v1.ChatService/Tokenize")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 from typing import TYPE_CHECKING
 
 import grpc
@@ -29,7 +28,6 @@ from .stopping import StopReason
 if TYPE_CHECKING:
     from .server import GraniteServer
 
-log = logging.getLogger(__name__)
 
 FMAAS_SERVICE = gen_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name  # fmaas.GenerationService
 
@@ -174,8 +172,7 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             return await call.reject(exc)
         bridges: list[Bridge] = []
         context.add_done_callback(lambda _ctx: [b.cancel() for b in bridges])
-        status = "CANCELLED"
-        try:
+        with call.guard(lambda: [b.cancel() for b in bridges]):
             try:
                 for r in prepared.requests:
                     bridges.append(self.s.submit(r))
@@ -194,23 +191,11 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             results = await asyncio.gather(*(collect(i, b) for i, b in enumerate(bridges)))
             errors = [f.error for _, f in results if f.stop_reason == StopReason.ERROR]
             if errors:
-                status = "INTERNAL"
-                call.end(status, error=errors[0], n=len(results))
+                call.end("INTERNAL", error=errors[0], n=len(results))
                 await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {errors[0]}")
-            status = "OK"
-            call.end(status, n=len(results), generated_tokens=sum(f.generated_count for _, f in results),
+            call.end("OK", n=len(results), generated_tokens=sum(f.generated_count for _, f in results),
                      stop_reasons=[f.stop_reason.name for _, f in results])
             return gen_pb2.BatchedGenerationResponse(responses=[r for r, _ in results])
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            status = "INTERNAL"
-            log.exception("%s failed", call.rpc, extra={"fields": {"request_id": call.request_id}})
-            raise
-        finally:
-            for b in bridges:
-                b.cancel()
-            call.end(status)
 
     async def GenerateStream(self, request, context):
         call = Call(self.s, context, "fmaas.GenerationService/GenerateStream")
@@ -223,21 +208,10 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
             return
         context.add_done_callback(lambda _ctx: bridge.cancel())
         builder = FmaasStreamBuilder(self.s.tokenizer, prepared)
-        status = "CANCELLED"
-        try:
+        with call.guard(bridge.cancel, lambda: final_fields(builder.final)):
             while builder.final is None:
                 for msg in builder.messages(await bridge.get()):
                     yield msg
-            status = "OK"
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            status = "INTERNAL"
-            log.exception("%s failed", call.rpc, extra={"fields": {"request_id": call.request_id}})
-            raise
-        finally:
-            bridge.cancel()
-            call.end(status, **final_fields(builder.final))
 
     async def Tokenize(self, request, context):
         call = Call(self.s, context, "fmaas.GenerationService/Tokenize")

@@ -6,7 +6,6 @@ reference implementation of the HF logits processors/warpers.
 
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np

@@ -4,8 +4,8 @@ One thread owns the engine. Each iteration it admits waiting requests into
 free cache slots, drops cancelled or timed-out ones (freeing their slots at
 once), builds one step (a decode token for every running sequence plus up to
 `prefill_chunk` prompt tokens of the sequences still prefilling, oldest
-first), runs it, and turns each sequence's logits into a token, text and
-maybe a stop. Requests join the batch at the next step and leave the moment
+first; `idle_prefill_chunk` when no sequence is decoding), runs it, and
+turns each sequence's logits into a token, text and maybe a stop. Requests join the batch at the next step and leave the moment
 they finish, so a long prompt stalls running streams for at most one chunk.
 
 Everything the caller sees is an `Event` (plain data) handed to the request's
@@ -127,6 +127,7 @@ class Scheduler:
         max_queue: int = 64,
         max_running: int | None = None,
         prefill_chunk: int = 256,
+        idle_prefill_chunk: int = 256,
         on_step: Callable[[dict], None] | None = None,
     ):
         self.engine = engine
@@ -134,6 +135,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_running = min(max_running or engine.info.max_batch, engine.info.max_batch)
         self.prefill_chunk = prefill_chunk
+        self.idle_prefill_chunk = idle_prefill_chunk
         self.context_window = engine.info.max_seq_len
         self.on_step = on_step  # metrics hook: called with counts after every step
         self._waiting: deque[_Sequence] = deque()
@@ -262,7 +264,10 @@ class Scheduler:
 
     def _step(self) -> None:
         chunks, seqs = [], []
-        budget = self.prefill_chunk
+        # The chunk limit exists so that running streams are not stalled by a new prompt;
+        # with nobody decoding there is nobody to stall, so prompts then go in big pieces.
+        decoding = any(not seq.prefilling for seq in self._running)
+        budget = self.prefill_chunk if decoding else max(self.prefill_chunk, self.idle_prefill_chunk)
         for seq in self._running:
             if seq.prefilling:
                 if budget <= 0:

@@ -215,3 +215,32 @@ def test_capacity_shrinks_after_a_long_sequence_leaves(artifact):
     for i in range(3):
         np.testing.assert_allclose(engine.step([Chunk(1, (10 + i,), 5 + i)]), alone.step([Chunk(1, (10 + i,), 5 + i)]),
                                    atol=1e-5)
+
+
+def test_prefill_chunk_applies_only_while_others_decode(artifact, tokenizer):
+    """A prompt alone prefills in big pieces; while another stream decodes it goes in small chunks."""
+    engine = load_engine(artifact, max_batch=2, threads=1)
+    sizes = []
+    real_step = engine.step
+
+    def recording_step(chunks):
+        sizes.append(sorted(len(c.token_ids) for c in chunks))
+        return real_step(chunks)
+
+    engine.step = recording_step
+    scheduler = Scheduler(engine, tokenizer, prefill_chunk=8, idle_prefill_chunk=64).start()
+    first = list(stream(scheduler, Request(tuple(range(10, 50)), stopping=StoppingParams(max_new_tokens=2))))
+    assert sizes[0] == [40]  # nobody decoding: the whole 40-token prompt in one step
+    assert first[-1].generated_count == 2
+    sizes.clear()
+    done = threading.Event()
+    long_running = Request(tuple(range(10, 14)), stopping=StoppingParams(max_new_tokens=40))
+    t = threading.Thread(target=lambda: (list(stream(scheduler, long_running)), done.set()))
+    t.start()
+    while not sizes:  # the long stream has started
+        threading.Event().wait(0.001)
+    list(stream(scheduler, Request(tuple(range(60, 100)), stopping=StoppingParams(max_new_tokens=2))))
+    t.join(60)
+    scheduler.shutdown()
+    prefills = [max(s) for s in sizes if len(s) == 2]  # steps shared with the decoding stream
+    assert prefills and max(prefills) <= 8

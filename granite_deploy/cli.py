@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest max_new_tokens accepted (default: min(1024, context - 1))")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens prefilled per step; bounds how long streams stall behind a new prompt "
-                        "while other streams decode (default 16 on CPU, 256 on GPU; 256 when none decode)")
+                        "while other streams decode (default 8 on CPU, 256 on GPU; 256 when none decode)")
     p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
                    help="largest gRPC message received or sent (default 16 MiB)")
     p.add_argument("--model-id", default=None, help="model id clients may name (default: the artifact folder name)")

@@ -462,3 +462,16 @@ def test_serving_frontend_imports_without_torch_or_transformers():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_whole_serving_runtime_imports_without_torch_or_transformers():
+    """The server, scheduler, generation core, ONNX Runtime engine and CLI: no torch (only export needs it)."""
+    code = (
+        "import sys\n"
+        "import granite_deploy.cli, granite_deploy.artifact\n"
+        "import granite_deploy.serve.server, granite_deploy.serve.client, granite_deploy.serve.scheduler\n"
+        "import granite_deploy.engines, granite_deploy.engines.onnxruntime_engine\n"
+        "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,22 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
-
-def start_server(artifact: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "granite_deploy.cli", "serve", str(artifact), "--host", "127.0.0.1", "--port", "0",
-           "--max-batch", str(max_batch), "--max-queue", "64", "--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"serving .* on (\S+:\d+)", line)
-        if m:
-            return proc, m.group(1)
-    proc.kill()
-    raise RuntimeError("server did not start")
+from granite_deploy.demo import start_server  # noqa: E402
 
 
 async def one_request(stub, pb, prompt: str, new_tokens: int) -> dict:
@@ -101,7 +84,8 @@ def main() -> None:
     print(f"# machine: {common.machine()}", flush=True)
     artifact = common.artifact_for(common.random_checkpoint(args.model))
     levels = [int(x) for x in args.levels.split(",")]
-    proc, target = start_server(artifact, max(levels), args.threads)
+    proc, target = start_server(artifact, "--max-batch", str(max(levels)), "--max-queue", "64",
+                                "--threads", str(args.threads), timeout=600)
     words = "The quick brown fox jumps over the lazy dog and runs far away".split()
     prompt = " ".join(words[i % len(words)] for i in range(args.prompt_words))
     rows = []

@@ -75,7 +75,6 @@ class OnnxRuntimeEngine(Engine):
         if graph.get("kv_cache", {}).get("kind") != "fixed_capacity_in_place":
             raise EngineError(f"{self.artifact}: decoder graph has cache layout {graph.get('kv_cache')}, "
                               "this engine needs 'fixed_capacity_in_place'")
-        self.num_layers = arch["num_layers"]
         context = int(manifest.get("context_length") or arch["max_position_embeddings"])
         self.max_seq_len = min(max_seq_len or context, context)
         self.max_batch = max_batch

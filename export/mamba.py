@@ -60,11 +60,6 @@ def _json_float(value) -> float:
     return float(value)
 
 
-def state_shapes(m: dict) -> dict:
-    """Per-sequence state shapes (without the batch dimension)."""
-    return {"conv": (m["conv_dim"], m["d_conv"]), "ssm": (m["heads"], m["head_dim"], m["d_state"])}
-
-
 def _same(t, hint):
     return t
 

@@ -294,7 +294,6 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
-COMMANDS = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -426,8 +425,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.set_defaults(func=_cmd_quantize)
 
-    for name, (register, _) in COMMANDS.items():
-        register(sub)
     return parser
 
 

@@ -21,11 +21,13 @@ def _say(msg: str) -> None:
     print(f"==> {msg}", flush=True)
 
 
-def _start_server(artifact: Path) -> tuple[subprocess.Popen, str]:
+def start_server(artifact: Path, *args: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start `granite-deploy serve ARTIFACT --port 0 ARGS` and return (process, "host:port") once it
+    prints its ready line."""
     cmd = [sys.executable, "-m", "granite_deploy.cli", "serve", str(artifact), "--host", "127.0.0.1", "--port", "0",
-           "--max-batch", "4"]
+           *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
@@ -34,7 +36,7 @@ def _start_server(artifact: Path) -> tuple[subprocess.Popen, str]:
         if match:
             return proc, match.group(1)
     proc.kill()
-    raise RuntimeError("the server did not report that it is serving within 120 s")
+    raise RuntimeError(f"the server did not report that it is serving within {timeout:.0f} s")
 
 
 def run_demo(workdir: str | None = None, keep: bool = False) -> int:
@@ -55,7 +57,7 @@ def run_demo(workdir: str | None = None, keep: bool = False) -> int:
         print(f"{artifact}: OK ({len(manifest['files'])} files)")
 
         _say("serving it over gRPC (fmaas.GenerationService + granite.v1.ChatService)")
-        server, target = _start_server(artifact)
+        server, target = start_server(artifact, "--max-batch", "4")
         try:
             print(f"server at {target}")
             chat = root / "chat.json"

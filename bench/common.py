@@ -58,8 +58,8 @@ def artifact_for(checkpoint: Path, validate: bool = True) -> Path:
     from granite_deploy.export.exporter import export
 
     out = CACHE / f"{checkpoint.name}-artifact"
-    if (out / "manifest.json").exists():
-        return out
+    if (out / "manifest.json").exists() and "decoder_cpu" in json.loads((out / "manifest.json").read_text())["graphs"]:
+        return out  # (an artifact from before the CPU flavour existed is re-exported)
     t = time.perf_counter()
     export(checkpoint, out, validate=validate, force=True)
     print(f"# exported in {time.perf_counter() - t:.0f} s: {out}", flush=True)
@@ -130,9 +130,13 @@ def quantized_artifact(artifact: Path, method: str) -> Path:
     gates on a trained model)."""
     from granite_deploy.export.quantize import quantize
 
+    import hashlib
+
     out = CACHE / f"{artifact.name}-{method}"
-    if (out / "manifest.json").exists():
-        return out
+    if (out / "manifest.json").exists():  # reuse it only if made from this very source artifact
+        made_from = json.loads((out / "manifest.json").read_text())["source_artifact"]["manifest_sha256"]
+        if made_from == hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest():
+            return out
     t = time.perf_counter()
     quantize(artifact, out, method, force=True, skip_gate=True, decode_steps=4, ppl_max_tokens=64)
     print(f"# quantized {method} in {time.perf_counter() - t:.0f} s: {out}", flush=True)

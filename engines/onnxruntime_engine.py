@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import graph_path, load_manifest
+from ..artifact import CACHE_CAPACITY, DECODER, DECODER_CPU, graph_path, load_manifest
 from .base import CacheFull, Chunk, Engine, EngineError, EngineInfo, check_chunks
 
 log = logging.getLogger(__name__)
@@ -65,16 +65,27 @@ class OnnxRuntimeEngine(Engine):
         threads: int | None = None,
         provider: str = "CPUExecutionProvider",
         reason: str = "",
+        graph: str | None = None,
     ):
+        """graph: which manifest graph to run; by default the CPU flavour on the CPU provider
+        when the artifact has one (its attention streams the cache at memory bandwidth), else
+        the portable decoder."""
         import onnxruntime as ort
 
         self.artifact = Path(artifact)
         manifest = load_manifest(self.artifact)
         arch = manifest["architecture"]
-        graph = manifest["graphs"]["decoder"]
-        if graph.get("kv_cache", {}).get("kind") != "fixed_capacity_in_place":
-            raise EngineError(f"{self.artifact}: decoder graph has cache layout {graph.get('kv_cache')}, "
-                              "this engine needs 'fixed_capacity_in_place'")
+        graphs = manifest["graphs"]
+        if graph is None:
+            graph = DECODER_CPU if provider == "CPUExecutionProvider" and DECODER_CPU in graphs else DECODER
+        if graph not in graphs:
+            raise EngineError(f"{self.artifact}: manifest has no graph {graph!r} (it has {', '.join(graphs)})")
+        self.graph_name = graph
+        graph_record = graphs[graph]
+        if graph_record.get("kv_cache", {}).get("kind") != "fixed_capacity_in_place":
+            raise EngineError(f"{self.artifact}: {self.graph_name} graph has cache layout "
+                              f"{graph_record.get('kv_cache')}, this engine needs 'fixed_capacity_in_place'")
+        graph = graph_record
         context = int(manifest.get("context_length") or arch["max_position_embeddings"])
         self.max_seq_len = min(max_seq_len or context, context)
         self.max_batch = max_batch
@@ -83,7 +94,7 @@ class OnnxRuntimeEngine(Engine):
         # decode this step must not be run at all (no dummy rows in a decode call).
         self._recurrent = any(st["kind"] != "kv" for st in self.states)
         self.session = ort.InferenceSession(
-            str(graph_path(self.artifact, manifest)), _session_options(threads), providers=[provider]
+            str(graph_path(self.artifact, manifest, self.graph_name)), _session_options(threads), providers=[provider]
         )
         self._input_names = {i.name for i in self.session.get_inputs()}
         self.capacity = 0
@@ -122,10 +133,11 @@ class OnnxRuntimeEngine(Engine):
         rows = len(self._row)
         for st in self.states:
             if st["kind"] == "kv":
-                kv_heads, _, head_dim = st["shape"]
-                new = np.zeros((self.max_batch, kv_heads, new_cap, head_dim), st["dtype"])
+                new = np.zeros((self.max_batch, *[new_cap if d == CACHE_CAPACITY else d for d in st["shape"]]),
+                               st["dtype"])
                 if keep:
-                    new[:rows, :, :keep] = self._buffers[st["input"]][:rows, :, :keep]
+                    part = (slice(0, rows), *_first_positions(st, keep))
+                    new[part] = self._buffers[st["input"]][part]
                 self._buffers[st["input"]] = new
         self.capacity = new_cap
 
@@ -153,7 +165,8 @@ class OnnxRuntimeEngine(Engine):
             for st in self.states:
                 buf = self._buffers[st["input"]]
                 if st["kind"] == "kv":
-                    buf[row, :, :n] = buf[last, :, :n]  # only the filled positions
+                    filled = _first_positions(st, n)  # only the filled positions
+                    buf[(row, *filled)] = buf[(last, *filled)]
                 else:
                     buf[row] = buf[last]
             self._row[mover] = row
@@ -262,6 +275,11 @@ def state_specs(graph: dict) -> list[dict]:
                           "shape": (shape[1], shape[2], shape[3]), "dtype": np.dtype(_np_dtype(spec["dtype"])),
                           "in_place": True})
     return specs
+
+
+def _first_positions(state: dict, n: int) -> tuple:
+    """Index of cache positions [0, n) within one row of a KV state (its capacity axis is named)."""
+    return tuple(slice(0, n) if d == CACHE_CAPACITY else slice(None) for d in state["shape"])
 
 
 def _np_dtype(name: str):

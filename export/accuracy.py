@@ -133,16 +133,10 @@ def _arch(arch):
     """The architecture as the graph runners want it (GraniteArch; manifests store it as a dict)."""
     if not isinstance(arch, dict):
         return arch
-    from dataclasses import fields
-
     from .checkpoint import GraniteArch
 
-    names = {f.name for f in fields(GraniteArch)}
-    kwargs = {k: v for k, v in arch.items() if k in names}
-    if "layer_types" in kwargs:
-        kwargs["layer_types"] = tuple(kwargs["layer_types"] or ())
     try:
-        return GraniteArch(**kwargs)
+        return GraniteArch.from_dict(arch)
     except TypeError:  # a manifest from another version: fall back to attribute access
         return SimpleNamespace(**{"layer_types": (), "mamba": None, **arch})
 

@@ -58,6 +58,16 @@ class GraniteArch:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraniteArch":
+        """From a manifest's `architecture` record (keys this version does not know are ignored)."""
+        from dataclasses import fields
+
+        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        if "layer_types" in kwargs:
+            kwargs["layer_types"] = tuple(kwargs["layer_types"] or ())
+        return cls(**kwargs)
+
 
 def _read_json_lenient(path: Path) -> dict:
     # transformers 5.x writes `time_step_limit` with a bare Infinity, which

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import __version__, progress
 from ..artifact import FORMAT, FORMAT_VERSION, ArtifactError, file_records, staging_dir, write_manifest
+from .cpu_graph import cpu_graph_record, derive_cpu_graph
 from .checkpoint import CheckpointError, arch_from_config, read_config, resolve_model
 from .graph import MAX_OPSET, MIN_OPSET, build_decoder_graph
 from .io_spec import CACHE_LAYOUT, graph_io, state_records
@@ -143,6 +144,11 @@ def export(
             import onnx
 
             onnx.checker.check_model(str(onnx_path), full_check=False)
+        cpu_path = None
+        if dtype == "fp32":  # half graphs are for GPUs
+            with progress.step("deriving the ONNX Runtime CPU flavour (head-dim-major KV cache)"):
+                cpu_path = derive_cpu_graph(onnx_path, arch.num_heads)
+                onnx.checker.check_model(str(cpu_path), full_check=False)
 
         copied = []
         for name in COPIED_FILES:
@@ -159,26 +165,36 @@ def export(
             log.warning(f"fp16 overflow risk: layers {activations['layers_at_risk']} have activations above "
                           f"{activations['threshold']:.0f} (0.5 x fp16 max); see activation_report in the manifest")
 
-        validation = {"skipped": True}
+        validation = cpu_validation = {"skipped": True}
         if validate:
+            from .validate import reference_runs
             from .validate import validate as run_validation
 
-            with progress.step(f"validating against PyTorch (batch 2, {decode_steps} decode steps)"):
-                prompts = prompt_token_ids(model_dir, arch.vocab_size)
-                try:
-                    validation = run_validation(torch_model, onnx_path, arch, prompts, decode_steps, dtype,
-                                                runtime=validation_runtime)
-                except ValidationUnavailable as exc:
-                    raise ExportError(f"validation of the {dtype} graph is not possible on this machine: {exc}; "
-                                      "nothing written (use --skip-validation to keep an unvalidated artifact)"
-                                      ) from exc
-            if not validation["passed"]:
-                raise ExportError(
-                    f"validation failed: max |logit diff| {validation['max_abs_logit_diff']:.3g} "
-                    f"(tolerance {validation['tolerance']['max_abs_diff']}), greedy agreement "
-                    f"{validation['greedy_agreement']:.1%}; nothing written (use --skip-validation to keep "
-                    "an unvalidated artifact)"
-                )
+            prompts = prompt_token_ids(model_dir, arch.vocab_size)
+            reference = reference_runs(torch_model, prompts, decode_steps)
+            for name, path, head_dim_major in (("decoder", onnx_path, False), ("decoder_cpu", cpu_path, True)):
+                if path is None:
+                    continue
+                with progress.step(f"validating {name} against PyTorch (batch 2, {decode_steps} decode steps)"):
+                    try:
+                        record = run_validation(torch_model, path, arch, prompts, decode_steps, dtype,
+                                                runtime=validation_runtime, head_dim_major=head_dim_major,
+                                                reference=reference)
+                    except ValidationUnavailable as exc:
+                        raise ExportError(f"validation of the {dtype} graph is not possible on this machine: {exc}; "
+                                          "nothing written (use --skip-validation to keep an unvalidated artifact)"
+                                          ) from exc
+                if not record["passed"]:
+                    raise ExportError(
+                        f"validation failed for {path.name}: max |logit diff| {record['max_abs_logit_diff']:.3g} "
+                        f"(tolerance {record['tolerance']['max_abs_diff']}), greedy agreement "
+                        f"{record['greedy_agreement']:.1%}; nothing written (use --skip-validation to keep "
+                        "an unvalidated artifact)"
+                    )
+                if name == "decoder":
+                    validation = record
+                else:
+                    cpu_validation = record
 
         inputs, outputs = graph_io(arch, cache_dtype=weight_dtype)
         manifest = {
@@ -222,6 +238,9 @@ def export(
             "activation_report": activations,
             "tools": _tool_versions(),
         }
+        if cpu_path is not None:
+            manifest["graphs"]["decoder_cpu"] = cpu_graph_record(manifest["graphs"]["decoder"], cpu_path, arch,
+                                                                 cpu_validation)
         manifest["files"] = file_records(stage, [p.name for p in stage.iterdir() if p.is_file()])
         write_manifest(stage, manifest)
     return output
@@ -242,7 +261,12 @@ def summary(artifact: Path) -> str:
     v = m["validation"]
     if v.get("skipped"):
         return f"wrote {artifact} (validation skipped)"
-    return (
+    line = (
         f"wrote {artifact}: max |logit diff| {v['max_abs_logit_diff']:.2e}, "
         f"greedy agreement {v['greedy_agreement']:.0%} over {v['decode_steps']} decode steps"
     )
+    cpu = m["graphs"].get("decoder_cpu", {}).get("validation")
+    if cpu:
+        line += (f"; CPU flavour {m['graphs']['decoder_cpu']['file']}: {cpu['max_abs_logit_diff']:.2e}, "
+                 f"{cpu['greedy_agreement']:.0%}")
+    return line

@@ -156,8 +156,10 @@ def build_decoder_graph(
         sin = to_half(g.op("Sin", [freqs], "rope_sin"), "rope_sin_half")
 
         first_attention = a.attention_layers[0] if a.layer_types else 0
-        capacity = g.op("Gather", [g.op("Shape", [cache_names(first_attention)[0]], "cache_shape"),
-                                   g.const("two", 2, np.int64)], "cache_capacity", axis=0)
+        # Shape(start, end) of one cache input: the only place the graph reads the capacity axis
+        # (the CPU flavour in export/cpu_graph.py moves that axis and patches start/end).
+        capacity_1d = g.op("Shape", [cache_names(first_attention)[0]], "cache_capacity_1d", start=2, end=3)
+        capacity = g.op("Squeeze", [capacity_1d, g.const("axes_0", [0], np.int64)], "cache_capacity")
         kv_pos = g.op("Range", [g.const("zero", 0, np.int64), capacity, g.const("one", 1, np.int64)], "kv_positions")
         q_pos = g.op("Unsqueeze", ["position_ids", g.const("axes_1_3", [1, 3], np.int64)], "q_positions")  # [B,1,S,1]
         mask = g.op("LessOrEqual", [kv_pos, q_pos], "attn_mask")  # [B,1,S,cap]: key j visible iff j <= p

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .. import artifact as _artifact
 from .checkpoint import GraniteArch
 
 # Symbolic dimension names (also written into the manifest).
 BATCH = "batch"
 SEQUENCE = "sequence"
-CACHE_CAPACITY = "cache_capacity"
+CACHE_CAPACITY = _artifact.CACHE_CAPACITY
 
 CACHE_LAYOUT = {
     "kind": "fixed_capacity_in_place",
@@ -34,6 +35,15 @@ CACHE_LAYOUT = {
     "write_op": "TensorScatter (opset 24, mode=linear, axis=-2)",
     "attention": "query at position p attends to cache positions 0..p",
     "in_place": "bind past_key_values.{i}.* and present.{i}.* to the same buffer",
+}
+
+
+# The ONNX Runtime CPU flavour (export/cpu_graph.py) stores K and V head-dim-major, so
+# that both attention products run as bandwidth-bound matrix-vector kernels at decode.
+CPU_CACHE_LAYOUT = {
+    **CACHE_LAYOUT,
+    "tensor_layout": [BATCH, "kv_heads", "head_dim", CACHE_CAPACITY],
+    "write_op": "TensorScatter (opset 24, mode=linear, axis=-1)",
 }
 
 
@@ -62,20 +72,21 @@ def cache_names(layer: int) -> tuple[str, str, str, str]:
     )
 
 
-def state_records(arch: GraniteArch, cache_dtype: str = "float32") -> list[dict]:
+def state_records(arch: GraniteArch, cache_dtype: str = "float32", head_dim_major: bool = False) -> list[dict]:
     """Every per-sequence state tensor, for the manifest's `state` record (what engines allocate).
 
     kv: attention K/V, written in place by TensorScatter. conv: the Mamba2 conv
     window (the graph reads the whole input before writing it, so in place is
     safe). ssm: the Mamba2 state, read by two branches, one of which also
     writes it: engines give it a separate output buffer. Mamba states stay
-    float32 at every export precision.
+    float32 at every export precision. head_dim_major: the CPU flavour's KV layout.
     """
     records = []
     for i, kind in enumerate(arch.layer_types or ("attention",) * arch.num_layers):
         if kind == "attention":
             past_k, past_v, present_k, present_v = cache_names(i)
-            shape = [arch.num_kv_heads, CACHE_CAPACITY, arch.head_dim]
+            shape = ([arch.num_kv_heads, arch.head_dim, CACHE_CAPACITY] if head_dim_major
+                     else [arch.num_kv_heads, CACHE_CAPACITY, arch.head_dim])
             records += [{"input": past_k, "output": present_k, "kind": "kv", "layer": i, "shape": shape,
                          "dtype": cache_dtype, "in_place": True},
                         {"input": past_v, "output": present_v, "kind": "kv", "layer": i, "shape": shape,
@@ -90,7 +101,8 @@ def state_records(arch: GraniteArch, cache_dtype: str = "float32") -> list[dict]
     return records
 
 
-def graph_io(arch: GraniteArch, cache_dtype: str = "float32") -> tuple[list[TensorSpec], list[TensorSpec]]:
+def graph_io(arch: GraniteArch, cache_dtype: str = "float32",
+             head_dim_major: bool = False) -> tuple[list[TensorSpec], list[TensorSpec]]:
     inputs = [
         TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
         TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
@@ -100,7 +112,7 @@ def graph_io(arch: GraniteArch, cache_dtype: str = "float32") -> tuple[list[Tens
         TensorSpec("num_logits_to_keep", "int64", (), default=0),
     ]
     outputs = [TensorSpec("logits", "float32", (BATCH, "kept_positions", arch.vocab_size))]
-    for st in state_records(arch, cache_dtype):
+    for st in state_records(arch, cache_dtype, head_dim_major):
         shape = (BATCH, *st["shape"])
         inputs.append(TensorSpec(st["input"], st["dtype"], shape))
         outputs.append(TensorSpec(st["output"], st["dtype"], shape))

@@ -266,11 +266,13 @@ def check_graph_file(path: str | Path, supported: SupportedOps | None = None) ->
 
 
 def check_artifact(artifact: str | Path, supported: SupportedOps | None = None) -> list[CheckReport]:
-    """Check every graph an artifact's manifest lists (or one .onnx file given directly)."""
+    """Check every TensorRT-bound graph an artifact's manifest lists (or one .onnx file given directly)."""
     from ..artifact import load_manifest
 
     artifact = Path(artifact)
     if artifact.is_file() and artifact.suffix == ".onnx":
         return [check_graph_file(artifact, supported)]
     manifest = load_manifest(artifact)
-    return [check_graph_file(artifact / g["file"], supported) for g in manifest.get("graphs", {}).values()]
+    # The CPU flavour (derived_from another graph) is for ONNX Runtime only; TensorRT builds the portable one.
+    return [check_graph_file(artifact / g["file"], supported) for g in manifest.get("graphs", {}).values()
+            if "derived_from" not in g]

@@ -50,6 +50,8 @@ import numpy as np
 
 from .. import __version__, progress
 from ..artifact import MANIFEST, ArtifactError, file_records, staging_dir, verify, write_manifest
+from .checkpoint import GraniteArch
+from .cpu_graph import check_against_portable, cpu_graph_record, derive_cpu_graph
 
 METHODS = {
     # method: (bits, precision written to the manifest)
@@ -393,7 +395,10 @@ def quantize(
         if method == "int8-qdq" and custom:
             raise QuantizeError(f"internal error: the QDQ graph uses non-standard domains {custom}")
 
-        graph_files = {src_graph["file"], *src_graph.get("external_data", []), MANIFEST}
+        # Every graph of the source (and its weights) is replaced; the rest is copied.
+        graph_files = {MANIFEST}
+        for g in src_manifest["graphs"].values():
+            graph_files |= {g["file"], *g.get("external_data", [])}
         for name in src_manifest["files"]:
             if name not in graph_files:
                 shutil.copy2(source / name, stage / name)
@@ -411,6 +416,15 @@ def quantize(
                 f"accuracy gate failed for {method}: " + "; ".join(record["failures"])
                 + f"; nothing written at {output} (pass --skip-gate to write it anyway, with the failure recorded)"
             )
+
+        arch = GraniteArch.from_dict(src_manifest["architecture"])
+        with progress.step("deriving the ONNX Runtime CPU flavour and checking it against the quantized graph"):
+            cpu_path = derive_cpu_graph(onnx_path, arch.num_heads)
+            onnx.checker.check_model(str(cpu_path), full_check=False)
+            cpu_check = check_against_portable(onnx_path, cpu_path, arch)
+        if not cpu_check["passed"]:
+            raise QuantizeError(f"internal error: {cpu_path.name} differs from {onnx_path.name} by "
+                                f"{cpu_check['max_abs_logit_diff']:.3g} in logits; nothing written")
 
         manifest = copy.deepcopy(src_manifest)
         manifest.pop("files", None)
@@ -436,6 +450,7 @@ def quantize(
             "onnxruntime_only_ops": ort_only,
             "engines": ["onnxruntime"] if ort_only else ["onnxruntime", "tensorrt"],
         })
+        manifest["graphs"]["decoder_cpu"] = cpu_graph_record(graph, cpu_path, arch, cpu_check)
         import onnxruntime
 
         manifest["quantization"] = {

@@ -94,7 +94,7 @@ def reference_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], n
 
 
 def run_graph_teacher_forced(session, arch, sequences: list[list[int]], prompt_lens: list[int],
-                             cache_dtype: str = "float32") -> list[np.ndarray]:
+                             cache_dtype: str = "float32", head_dim_major: bool = False) -> list[np.ndarray]:
     """Prefill every prompt, then decode the rest one token per step, all rows batched.
 
     KV-only models prefill in one right-padded batch (pad positions write cache
@@ -104,7 +104,7 @@ def run_graph_teacher_forced(session, arch, sequences: list[list[int]], prompt_l
     """
     batch = len(sequences)
     capacity = max(len(s) for s in sequences) + 1
-    records = state_records(arch, cache_dtype)
+    records = state_records(arch, cache_dtype, head_dim_major)
     cache = {st["input"]: np.zeros((batch, *[capacity if d == CACHE_CAPACITY else d for d in st["shape"]]),
                                    numpy_dtype(st["dtype"])) for st in records}
     out_names = [o.name for o in session.get_outputs()]
@@ -233,16 +233,25 @@ def open_runtime(onnx_path, arch, runtime: str = "auto"):
     return _ReferenceSession(onnx_path), fields
 
 
-def validate(model, onnx_path, arch, prompts: list[list[int]], decode_steps: int = 16, dtype: str = "fp32",
-             runtime: str = "auto") -> dict:
-    """Compare the graph against the fp32 PyTorch model; returns the record written to the manifest."""
-    session, runtime_fields = open_runtime(onnx_path, arch, runtime)
+def reference_runs(model, prompts: list[list[int]], decode_steps: int) -> tuple[list, list]:
+    """(token sequences, logits at the positions that predict a next token) of the PyTorch model."""
     sequences, ref_logits = [], []
     for p in prompts:
         tokens, logits = reference_greedy(model, p, decode_steps)
         sequences.append(tokens)
         ref_logits.append(logits[:-1])
-    got = run_graph_teacher_forced(session, arch, sequences, [len(p) for p in prompts], CACHE_DTYPES[dtype])
+    return sequences, ref_logits
+
+
+def validate(model, onnx_path, arch, prompts: list[list[int]], decode_steps: int = 16, dtype: str = "fp32",
+             runtime: str = "auto", head_dim_major: bool = False, reference: tuple | None = None) -> dict:
+    """Compare the graph against the fp32 PyTorch model; returns the record written to the manifest.
+
+    head_dim_major: the graph is the CPU flavour (its KV layout). reference: reuse `reference_runs`."""
+    session, runtime_fields = open_runtime(onnx_path, arch, runtime)
+    sequences, ref_logits = reference or reference_runs(model, prompts, decode_steps)
+    got = run_graph_teacher_forced(session, arch, sequences, [len(p) for p in prompts], CACHE_DTYPES[dtype],
+                                   head_dim_major)
     max_diff, agree, total = 0.0, 0, 0
     for p, ref, out in zip(prompts, ref_logits, got):
         max_diff = max(max_diff, float(np.abs(ref - out).max()))

@@ -22,6 +22,12 @@ MANIFEST = "manifest.json"
 FORMAT = "granite-deploy-artifact"
 FORMAT_VERSION = 1
 _HASH_CHUNK = 8 << 20
+# The symbolic dimension of a KV state's shape that engines size (see export/io_spec.py).
+CACHE_CAPACITY = "cache_capacity"
+# Graph names in manifest["graphs"]: the portable decoder, and the optional ONNX Runtime CPU
+# flavour of it (same weights file, head-dim-major KV cache; export/cpu_graph.py).
+DECODER = "decoder"
+DECODER_CPU = "decoder_cpu"
 
 
 class ArtifactError(Exception):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from granite_deploy.engines import Chunk, EngineError, load_engine
+from granite_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
 from granite_deploy.export.exporter import export
 from granite_deploy.serve.generate import stream
 from granite_deploy.serve.sampling import SamplingParams
@@ -51,8 +52,11 @@ def hf_greedy(hf, ids, n):
     return out[0, len(ids):].tolist()
 
 
-def run_all(artifact, tokenizer, requests, max_batch, prefill_chunk=256):
-    engine = load_engine(artifact, max_batch=max_batch, threads=1)
+def run_all(artifact, tokenizer, requests, max_batch, prefill_chunk=256, graph=None):
+    if graph is None:
+        engine = load_engine(artifact, max_batch=max_batch, threads=1)
+    else:
+        engine = OnnxRuntimeEngine(artifact, max_batch=max_batch, threads=1, graph=graph)
     scheduler = Scheduler(engine, tokenizer, prefill_chunk=prefill_chunk).start()
     results = [None] * len(requests)
 
@@ -74,12 +78,16 @@ def run_all(artifact, tokenizer, requests, max_batch, prefill_chunk=256):
     return results
 
 
-def test_greedy_equals_transformers_with_joining_and_leaving(artifact, tokenizer, hf):
+GRAPHS = ["decoder_cpu", "decoder"]  # the CPU flavour (the default on CPU) and the portable graph
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_greedy_equals_transformers_with_joining_and_leaving(artifact, tokenizer, hf, graph):
     """5 requests, 2 slots, 3-token prefill chunks: sequences join as others leave, prompts are chunked."""
     n = 12
     requests = [Request(tuple(tokenizer.encode(p)), stopping=StoppingParams(max_new_tokens=n - i))
                 for i, p in enumerate(PROMPTS)]
-    results = run_all(artifact, tokenizer, requests, max_batch=2, prefill_chunk=3)
+    results = run_all(artifact, tokenizer, requests, max_batch=2, prefill_chunk=3, graph=graph)
     for req, (tokens, text, final) in zip(requests, results):
         expected = hf_greedy(hf, list(req.prompt_ids), req.stopping.max_new_tokens)
         eos = tokenizer.eos_token_id
@@ -90,11 +98,13 @@ def test_greedy_equals_transformers_with_joining_and_leaving(artifact, tokenizer
         assert text == tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def test_cache_growth_past_a_capacity_block(artifact, tokenizer, hf):
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_cache_growth_past_a_capacity_block(artifact, tokenizer, hf, graph):
     """A prompt of 250 tokens decoding past position 256 (the engine's capacity block)."""
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, 400, 250).tolist()
-    (tokens, _, _), = run_all(artifact, tokenizer, [Request(tuple(prompt), stopping=StoppingParams(max_new_tokens=12))], 1)
+    (tokens, _, _), = run_all(artifact, tokenizer, [Request(tuple(prompt), stopping=StoppingParams(max_new_tokens=12))],
+                              1, graph=graph)
     assert tokens == hf_greedy(hf, prompt, 12)[: len(tokens)] and len(tokens) >= 1
 
 
@@ -244,3 +254,34 @@ def test_prefill_chunk_applies_only_while_others_decode(artifact, tokenizer):
     scheduler.shutdown()
     prefills = [max(s) for s in sizes if len(s) == 2]  # steps shared with the decoding stream
     assert prefills and max(prefills) <= 8
+
+
+def test_cpu_engine_runs_the_cpu_flavour_and_both_graphs_agree(artifact):
+    """load_engine on CPU picks decoder_cpu; its logits equal the portable graph's through prefill,
+    batched decode, a sequence leaving (row compaction) and capacity growth past 256."""
+    assert load_engine(artifact, max_batch=1, threads=1).graph_name == "decoder_cpu"
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(5, 400, n).tolist() for n in (7, 260, 3)]
+    logits = {}
+    for graph in GRAPHS:
+        engine = OnnxRuntimeEngine(artifact, max_batch=3, threads=1, graph=graph)
+        lengths, out = {}, []
+        for s, p in enumerate(prompts):
+            engine.reserve(s)
+            out.append(engine.step([Chunk(s, tuple(p), 0)]))
+            lengths[s] = len(p)
+        for t in range(8):
+            if t == 4:
+                engine.release(0)
+                del lengths[0]
+            out.append(engine.step([Chunk(s, (11 + t,), n) for s, n in lengths.items()]))
+            lengths = {s: n + 1 for s, n in lengths.items()}
+        assert engine.capacity == 512
+        logits[graph] = out
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(*logits.values()))
+    assert diff < 1e-4
+
+
+def test_unknown_graph_is_named(artifact):
+    with pytest.raises(EngineError, match="no graph 'decoder_gpu'"):
+        OnnxRuntimeEngine(artifact, graph="decoder_gpu")

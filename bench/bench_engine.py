@@ -22,8 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from granite_deploy.engines.onnxruntime_engine import _first_positions  # noqa: E402
-
 
 def weight_bytes(manifest: dict) -> int:
     """Bytes of weights read per decode step: every matrix once (the tied embedding once, as the head)."""
@@ -40,8 +38,8 @@ def kv_bytes_per_token(manifest: dict) -> int:
     return 4 * 2 * a["num_layers"] * a["num_kv_heads"] * a["head_dim"]
 
 
-def ours(artifact: str, threads: int, steps: int, past_sweep: bool, out: mp.Queue, graph: str | None = None,
-         decode_only: bool = False) -> None:
+def ours(artifact: str, threads: int, steps: int, past_sweep: bool, graph: str | None, decode_only: bool,
+         out: mp.Queue) -> None:
     """graph None: what load_engine picks (the CPU flavour when the artifact has one)."""
     import numpy as np
 
@@ -71,11 +69,7 @@ def ours(artifact: str, threads: int, steps: int, past_sweep: bool, out: mp.Queu
         # Fill the cache up to `past` with random values instead of prefilling 8 x 2048
         # tokens: attention's cost does not depend on the values.
         engine._grow(past + steps + 1)
-        for st in engine.states:  # KV buffers; the capacity axis depends on the graph's layout
-            if st["kind"] == "kv":
-                where = (slice(0, batch), *_first_positions(st, past))
-                buf = engine._buffers[st["input"]]
-                buf[where] = rng.standard_normal(buf[where].shape, dtype=np.float32)
+        common.fill_cache(engine, batch, past, rng)
         for s in range(batch):
             engine._length[s] = past
         times = []
@@ -127,16 +121,6 @@ def reference(checkpoint: str, threads: int, steps: int, out: mp.Queue) -> None:
     out.put(res)
 
 
-def in_process(target, *args):
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=target, args=(*args, q))
-    p.start()
-    result = q.get()
-    p.join()
-    return result
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="granite-4.0-1b")
@@ -158,11 +142,12 @@ def main() -> None:
           f"floor {floor_tps:.2f} tokens/s", flush=True)
     quantized = {m: common.quantized_artifact(artifact, m) for m in args.quantized.split(",") if m}
 
-    mine = in_process(ours, str(artifact), args.threads, args.decode_steps, True)
+    mine = common.in_process(ours, str(artifact), args.threads, args.decode_steps, True, None, False)
     # The graph flavour decision (README): the portable graph's decode steps in the same run.
-    portable = in_process(ours, str(artifact), args.threads, args.decode_steps, True, "decoder", True)
-    ref = {} if args.skip_reference else in_process(reference, str(checkpoint), args.threads, args.decode_steps)
-    quant = {m: in_process(ours, str(a), args.threads, args.decode_steps, False) for m, a in quantized.items()}
+    portable = common.in_process(ours, str(artifact), args.threads, args.decode_steps, True, "decoder", True)
+    ref = {} if args.skip_reference else common.in_process(reference, str(checkpoint), args.threads, args.decode_steps)
+    quant = {m: common.in_process(ours, str(a), args.threads, args.decode_steps, False, None, False)
+             for m, a in quantized.items()}
 
     def ratio(a, b):
         return f"{a / b:.2f}x" if b else "n/a"

@@ -35,13 +35,10 @@ def measure(artifact: str, contexts: list[int], steps: int, threads: int, out: m
     for ctx in contexts:
         engine.reserve(0)
         engine._grow(ctx + steps + 1)
-        per_seq = 0
+        per_seq = common.fill_cache(engine, 1, ctx, rng)
         for st in engine.states:
-            buf = engine._buffers[st["input"]]
-            if st["kind"] == "kv":
-                buf[0, :, :ctx] = rng.standard_normal(buf[0, :, :ctx].shape, dtype=np.float32)
-                per_seq += buf[0, :, :ctx].nbytes
-            else:
+            if st["kind"] != "kv":  # Mamba conv/ssm state
+                buf = engine._buffers[st["input"]]
                 buf[0] = rng.standard_normal(buf[0].shape, dtype=np.float32) * 0.1
                 per_seq += buf[0].nbytes
         engine._length[0] = ctx
@@ -72,12 +69,7 @@ def main() -> None:
         v = json.loads((artifact / "manifest.json").read_text())["validation"]
         print(f"# {name}: export parity max |logit diff| {v.get('max_abs_logit_diff', float('nan')):.2e}, "
               f"greedy agreement {v.get('greedy_agreement', float('nan')):.0%}", flush=True)
-        ctx = mp.get_context("spawn")
-        q = ctx.Queue()
-        p = ctx.Process(target=measure, args=(str(artifact), contexts, args.steps, args.threads, q))
-        p.start()
-        results[name] = q.get()
-        p.join()
+        results[name] = common.in_process(measure, str(artifact), contexts, args.steps, args.threads)
     print(f"\nDecode at batch 1, fp32, ONNX Runtime CPU, {args.threads} threads. Machine: {common.machine()}.")
     rows = []
     for c in contexts:

@@ -124,6 +124,44 @@ def stream_read_gbs(threads: int = 2, size_mib: int = 1024) -> float:
     return sum(a.nbytes for a in arrays) / best / 1e9
 
 
+def in_process(target, *args):
+    """target(*args, queue) in a fresh spawned process (so measurements do not share memory);
+    its result, or an error if the process died without one (never a hang)."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    while True:
+        try:
+            result = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"{target.__name__} exited with code {p.exitcode} before reporting a result")
+    p.join()
+    return result
+
+
+def fill_cache(engine, rows: int, positions: int, rng) -> int:
+    """Random values in KV positions [0, positions) of the first `rows` rows (attention's cost does not
+    depend on the values; the capacity axis comes from the graph's layout); returns their bytes."""
+    import numpy as np
+
+    from granite_deploy.engines.onnxruntime_engine import _first_positions
+
+    filled = 0
+    for st in engine.states:
+        if st["kind"] == "kv":
+            where = (slice(0, rows), *_first_positions(st, positions))
+            buf = engine._buffers[st["input"]]
+            buf[where] = rng.standard_normal(buf[where].shape, dtype=np.float32)
+            filled += buf[where].nbytes
+    return filled
+
+
 def quantized_artifact(artifact: Path, method: str) -> Path:
     """int8/int4 weight-only copy of a benchmark artifact, cached. Random weights make the
     accuracy gate meaningless, so it is recorded but not enforced here (bench_quant_accuracy

@@ -138,7 +138,6 @@ def build_bpe(out_dir: Path, text: str) -> dict:
     trainer = trainers.BpeTrainer(vocab_size=BPE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tokenizer.train_from_iterator(text.split("\n\n"), trainer)
-    base = tokenizer.get_vocab_size()
     by_offset = {off: (content, special) for off, content, special in GRANITE_ADDED_TOKENS}
     ids, added_decoder = {}, {}
     for off in range(N_ADDED):

@@ -3,9 +3,10 @@
 The portable graph (export/graph.py) runs attention with the standard
 `Attention` op over a [batch, kv_heads, capacity, head_dim] cache, the layout
 TensorRT and fused GPU kernels expect. ONNX Runtime's CPU kernel for that op
-reads the cache at about a third of memory bandwidth at decode (measured:
-7.5 ms per layer at batch 8 x 2304 keys, where reading K and V once takes
-~2 ms), because it runs one small GEMM per query head and packs K for each.
+reads the cache at a third to a quarter of memory bandwidth at decode (one
+granite-4.0-1b layer, batch 8 x 8192 keys: 39 ms where reading K, V and the
+weights once takes 9.4 ms; bench/bench_attention.py): it runs one small GEMM
+per query head and packs K for each.
 
 This flavour stores K and V head-dim-major, [batch, kv_heads, head_dim,
 capacity], and writes the attention as
@@ -13,8 +14,8 @@ capacity], and writes the attention as
     scores[b, h, g, s, :] = q[b, h, g, s, :] @ K[b, h]        (M=1 GEMV per query head at decode)
     out[b, h, :, (g, s)]  = V[b, h] @ softmax(scores)^T       (K read once for the whole group)
 
-so both products stream the cache once per KV head (3.9 ms per layer in the
-same measurement). Everything else, weights included, is the portable graph
+so both products stream the cache once per KV head (19.6 ms in the same
+measurement). Everything else, weights included, is the portable graph
 node for node: the rewrite loads it without its external data and writes a
 second graph file that points at the same data file, so the flavour costs a
 few hundred KB on disk.

@@ -47,7 +47,7 @@ def load_engine(artifact: str | Path, engine: str = "auto", max_batch: int = 8, 
             reason = f"CPU fallback: {trt_why}; no CUDAExecutionProvider on this machine"
     eng = OnnxRuntimeEngine(artifact, max_batch=max_batch, max_seq_len=max_seq_len, threads=threads,
                             provider=provider, reason=reason)
-    log.info("engine: onnxruntime %s (%s)", provider, reason)
+    log.info("engine: onnxruntime %s, graph %s (%s)", provider, eng.graph_name, reason)
     return eng
 
 

@@ -46,10 +46,11 @@ def derive_cpu_graph(src: Path, num_heads: int, out_name: str = CPU_GRAPH_FILE) 
 
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
-    kv_inputs = {i.name: i for i in graph.input if i.name.startswith("past_key_values.")
+    kv_inputs = {i.name for i in graph.input if i.name.startswith("past_key_values.")
                  and i.name.endswith((".key", ".value"))}
     if not kv_inputs:
         raise CpuGraphError(f"{src}: no past_key_values.*.key/value inputs")
+
     def is_kv(name):
         return name in kv_inputs or name.startswith("present.") and name.endswith((".key", ".value"))
 
@@ -71,6 +72,12 @@ def derive_cpu_graph(src: Path, num_heads: int, out_name: str = CPU_GRAPH_FILE) 
 
     nodes = list(graph.node)
     producers = {o: n for n in nodes for o in n.output}
+    # The layout changes under every reader of the cache: only the rewritten nodes may read it.
+    for n in nodes:
+        for name in n.input:
+            if name in kv_inputs and n.op_type not in ("TensorScatter", "Shape"):
+                raise CpuGraphError(f"{src}: {n.op_type} node {n.name} reads {name}; the rewrite knows only "
+                                    "TensorScatter and Shape readers of the cache")
     attention = [n for n in nodes if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
     if not attention:
         raise CpuGraphError(f"{src}: no Attention nodes to rewrite")

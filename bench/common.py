@@ -150,12 +150,12 @@ def fill_cache(engine, rows: int, positions: int, rng) -> int:
     depend on the values; the capacity axis comes from the graph's layout); returns their bytes."""
     import numpy as np
 
-    from granite_deploy.engines.onnxruntime_engine import _first_positions
+    from granite_deploy.engines.onnxruntime_engine import first_positions
 
     filled = 0
     for st in engine.states:
         if st["kind"] == "kv":
-            where = (slice(0, rows), *_first_positions(st, positions))
+            where = (slice(0, rows), *first_positions(st, positions))
             buf = engine._buffers[st["input"]]
             buf[where] = rng.standard_normal(buf[where].shape, dtype=np.float32)
             filled += buf[where].nbytes

@@ -1,7 +1,9 @@
 """ONNX Runtime engine: the artifact's decoder graph with an in-place, slot-based KV cache.
 
 The cache of layer i is one buffer per K and V, [max_batch, kv_heads,
-capacity, head_dim]; sequence s lives in row `row[s]`. Every step binds
+capacity, head_dim] for the portable graph or [max_batch, kv_heads, head_dim,
+capacity] for the CPU flavour (the manifest's state record says which axis is
+the capacity); sequence s lives in row `row[s]`. Every step binds
 contiguous row ranges of these buffers as both the `past_key_values.*` input
 and the `present.*` output through IO binding, so the graph's TensorScatter
 writes the new keys/values in place and nothing copies the cache per token.
@@ -81,15 +83,14 @@ class OnnxRuntimeEngine(Engine):
         if graph not in graphs:
             raise EngineError(f"{self.artifact}: manifest has no graph {graph!r} (it has {', '.join(graphs)})")
         self.graph_name = graph
-        graph_record = graphs[graph]
-        if graph_record.get("kv_cache", {}).get("kind") != "fixed_capacity_in_place":
-            raise EngineError(f"{self.artifact}: {self.graph_name} graph has cache layout "
-                              f"{graph_record.get('kv_cache')}, this engine needs 'fixed_capacity_in_place'")
-        graph = graph_record
+        record = graphs[graph]
+        if record.get("kv_cache", {}).get("kind") != "fixed_capacity_in_place":
+            raise EngineError(f"{self.artifact}: {graph} graph has cache layout {record.get('kv_cache')}, "
+                              "this engine needs 'fixed_capacity_in_place'")
         context = int(manifest.get("context_length") or arch["max_position_embeddings"])
         self.max_seq_len = min(max_seq_len or context, context)
         self.max_batch = max_batch
-        self.states = state_specs(graph)
+        self.states = state_specs(record)
         # Recurrent (Mamba) state changes with every token fed, so rows that do not
         # decode this step must not be run at all (no dummy rows in a decode call).
         self._recurrent = any(st["kind"] != "kv" for st in self.states)
@@ -109,7 +110,7 @@ class OnnxRuntimeEngine(Engine):
         self._row: dict[int, int] = {}  # seq_id -> row
         self._length: dict[int, int] = {}  # seq_id -> tokens cached
         device = "cuda:0" if provider.startswith("CUDA") else "cpu"
-        self.info = EngineInfo("onnxruntime", device, graph.get("precision", "fp32"), max_batch,
+        self.info = EngineInfo("onnxruntime", device, record.get("precision", "fp32"), max_batch,
                                self.max_seq_len, arch["vocab_size"], reason)
         self._grow(min(CAPACITY_BLOCK, self.max_seq_len))
 
@@ -136,7 +137,7 @@ class OnnxRuntimeEngine(Engine):
                 new = np.zeros((self.max_batch, *[new_cap if d == CACHE_CAPACITY else d for d in st["shape"]]),
                                st["dtype"])
                 if keep:
-                    part = (slice(0, rows), *_first_positions(st, keep))
+                    part = (slice(0, rows), *first_positions(st, keep))
                     new[part] = self._buffers[st["input"]][part]
                 self._buffers[st["input"]] = new
         self.capacity = new_cap
@@ -165,7 +166,7 @@ class OnnxRuntimeEngine(Engine):
             for st in self.states:
                 buf = self._buffers[st["input"]]
                 if st["kind"] == "kv":
-                    filled = _first_positions(st, n)  # only the filled positions
+                    filled = first_positions(st, n)  # only the filled positions
                     buf[(row, *filled)] = buf[(last, *filled)]
                 else:
                     buf[row] = buf[last]
@@ -277,7 +278,7 @@ def state_specs(graph: dict) -> list[dict]:
     return specs
 
 
-def _first_positions(state: dict, n: int) -> tuple:
+def first_positions(state: dict, n: int) -> tuple:
     """Index of cache positions [0, n) within one row of a KV state (its capacity axis is named)."""
     return tuple(slice(0, n) if d == CACHE_CAPACITY else slice(None) for d in state["shape"])
 

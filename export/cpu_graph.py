@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifact import DECODER
 from .io_spec import CACHE_CAPACITY, CPU_CACHE_LAYOUT, graph_io, state_records
 
 CPU_GRAPH_FILE = "model.cpu.onnx"
@@ -173,7 +174,7 @@ def cpu_graph_record(portable: dict, cpu_path: Path, arch, validation: dict | No
     record = {
         **portable,
         "file": cpu_path.name,
-        "derived_from": "decoder",
+        "derived_from": DECODER,
         "engines": ["onnxruntime"],
         "for": "ONNX Runtime CPUExecutionProvider (attention as MatMul/Softmax over a head-dim-major cache)",
         "inputs": [s.to_dict() for s in inputs],

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from .. import __version__, progress
-from ..artifact import FORMAT, FORMAT_VERSION, ArtifactError, file_records, staging_dir, write_manifest
+from ..artifact import (DECODER, DECODER_CPU, FORMAT, FORMAT_VERSION, ArtifactError, file_records, staging_dir,
+                        write_manifest)
 from .cpu_graph import cpu_graph_record, derive_cpu_graph
 from .checkpoint import CheckpointError, arch_from_config, read_config, resolve_model
 from .graph import MAX_OPSET, MIN_OPSET, build_decoder_graph
@@ -172,7 +173,7 @@ def export(
 
             prompts = prompt_token_ids(model_dir, arch.vocab_size)
             reference = reference_runs(torch_model, prompts, decode_steps)
-            for name, path, head_dim_major in (("decoder", onnx_path, False), ("decoder_cpu", cpu_path, True)):
+            for name, path, head_dim_major in ((DECODER, onnx_path, False), (DECODER_CPU, cpu_path, True)):
                 if path is None:
                     continue
                 with progress.step(f"validating {name} against PyTorch (batch 2, {decode_steps} decode steps)"):
@@ -191,7 +192,7 @@ def export(
                         f"{record['greedy_agreement']:.1%}; nothing written (use --skip-validation to keep "
                         "an unvalidated artifact)"
                     )
-                if name == "decoder":
+                if name == DECODER:
                     validation = record
                 else:
                     cpu_validation = record
@@ -211,7 +212,7 @@ def export(
             "architecture": arch.to_dict(),
             "export_options": {"dtype": dtype, "opset": opset, "validate": validate, "decode_steps": decode_steps},
             "graphs": {
-                "decoder": {
+                DECODER: {
                     "file": onnx_path.name,
                     "external_data": [data_path.name],
                     "opset": opset,
@@ -239,7 +240,7 @@ def export(
             "tools": _tool_versions(),
         }
         if cpu_path is not None:
-            manifest["graphs"]["decoder_cpu"] = cpu_graph_record(manifest["graphs"]["decoder"], cpu_path, arch,
+            manifest["graphs"][DECODER_CPU] = cpu_graph_record(manifest["graphs"][DECODER], cpu_path, arch,
                                                                  cpu_validation)
         manifest["files"] = file_records(stage, [p.name for p in stage.iterdir() if p.is_file()])
         write_manifest(stage, manifest)
@@ -265,7 +266,7 @@ def summary(artifact: Path) -> str:
         f"wrote {artifact}: max |logit diff| {v['max_abs_logit_diff']:.2e}, "
         f"greedy agreement {v['greedy_agreement']:.0%} over {v['decode_steps']} decode steps"
     )
-    cpu = m["graphs"].get("decoder_cpu", {}).get("validation")
+    cpu = m["graphs"].get(DECODER_CPU, {}).get("validation")
     if cpu:
         line += (f"; CPU flavour {m['graphs']['decoder_cpu']['file']}: {cpu['max_abs_logit_diff']:.2e}, "
                  f"{cpu['greedy_agreement']:.0%}")

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__, progress
-from ..artifact import MANIFEST, ArtifactError, file_records, staging_dir, verify, write_manifest
+from ..artifact import DECODER, DECODER_CPU, MANIFEST, ArtifactError, file_records, staging_dir, verify, write_manifest
 from .checkpoint import GraniteArch
 from .cpu_graph import check_against_portable, cpu_graph_record, derive_cpu_graph
 
@@ -96,7 +96,7 @@ def read_source(artifact: Path) -> dict:
     with progress.step(f"verifying source artifact {artifact}"):
         manifest = verify(artifact, load_graph=False)
     path = artifact / MANIFEST
-    graph = manifest.get("graphs", {}).get("decoder")
+    graph = manifest.get("graphs", {}).get(DECODER)
     if not graph:
         raise QuantizeError(f"{path}: has no graphs.decoder entry")
     if "quantization" in manifest or graph.get("precision") != "fp32":
@@ -372,7 +372,7 @@ def quantize(
     if output.is_dir() and any(output.iterdir()) and not force:  # fail before hashing a multi-GB source
         raise ArtifactError(f"{output.resolve()}: exists and is not empty; pass --force to replace it")
     src_manifest = read_source(source)
-    src_graph = src_manifest["graphs"]["decoder"]
+    src_graph = src_manifest["graphs"][DECODER]
     started = time.time()
 
     with staging_dir(output, force) as stage:
@@ -439,7 +439,7 @@ def quantize(
             manifest["validation"] = {**manifest["validation"],
                                       "applies_to": "the fp32 source graph; see 'accuracy' for this graph"}
         ort_only = "com.microsoft" in ops
-        graph = manifest["graphs"]["decoder"]
+        graph = manifest["graphs"][DECODER]
         graph.update({
             "file": onnx_path.name,
             "external_data": [data_path.name],
@@ -450,7 +450,7 @@ def quantize(
             "onnxruntime_only_ops": ort_only,
             "engines": ["onnxruntime"] if ort_only else ["onnxruntime", "tensorrt"],
         })
-        manifest["graphs"]["decoder_cpu"] = cpu_graph_record(graph, cpu_path, arch, cpu_check)
+        manifest["graphs"][DECODER_CPU] = cpu_graph_record(graph, cpu_path, arch, cpu_check)
         import onnxruntime
 
         manifest["quantization"] = {
@@ -493,7 +493,7 @@ def quantize(
 
 def summary(artifact: Path) -> str:
     m = json.loads((Path(artifact) / MANIFEST).read_text())
-    a, g = m["accuracy"], m["graphs"]["decoder"]
+    a, g = m["accuracy"], m["graphs"][DECODER]
     size = sum(r["bytes"] for n, r in m["files"].items() if n in [g["file"], *g["external_data"]])
     p = a["perplexity"]
     return (

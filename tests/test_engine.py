@@ -19,6 +19,7 @@ from granite_deploy.serve.sampling import SamplingParams
 from granite_deploy.serve.scheduler import Request, Scheduler
 from granite_deploy.serve.stopping import StoppingParams, StopReason
 from granite_deploy.serve.tokenizer import GraniteTokenizer
+from harness import run_concurrently
 
 PROMPTS = [
     "Hello world",
@@ -57,25 +58,7 @@ def run_all(artifact, tokenizer, requests, max_batch, prefill_chunk=256, graph=N
         engine = load_engine(artifact, max_batch=max_batch, threads=1)
     else:
         engine = OnnxRuntimeEngine(artifact, max_batch=max_batch, threads=1, graph=graph)
-    scheduler = Scheduler(engine, tokenizer, prefill_chunk=prefill_chunk).start()
-    results = [None] * len(requests)
-
-    def go(i):
-        tokens, text = [], ""
-        for ev in stream(scheduler, requests[i]):
-            if ev.kind == "token":
-                tokens.append(ev.token.token_id)
-                text += ev.text
-            elif ev.kind == "final":
-                results[i] = (tokens, text, ev)
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    scheduler.shutdown()
-    return results
+    return run_concurrently(engine, tokenizer, requests, prefill_chunk)
 
 
 GRAPHS = ["decoder_cpu", "decoder"]  # the CPU flavour (the default on CPU) and the portable graph

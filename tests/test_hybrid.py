@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import onnx
@@ -13,10 +12,10 @@ import torch
 from granite_deploy.engines import Chunk, load_engine
 from granite_deploy.export.exporter import export
 from granite_deploy.export.tiny import make_tiny_checkpoint
-from granite_deploy.serve.generate import stream
-from granite_deploy.serve.scheduler import Request, Scheduler
+from granite_deploy.serve.scheduler import Request
 from granite_deploy.serve.stopping import StoppingParams
 from granite_deploy.serve.tokenizer import GraniteTokenizer
+from harness import run_concurrently
 
 HYBRID = dict(num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"], position_embedding_type="nope",
               mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_expand=2, mamba_d_conv=4, mamba_chunk_size=64)
@@ -86,20 +85,9 @@ def test_reused_slot_starts_from_zero_state(hybrid_artifact):
 def test_greedy_equals_transformers_joining_and_leaving(hybrid_artifact, hf):
     tokenizer = GraniteTokenizer.from_dir(hybrid_artifact)
     engine = load_engine(hybrid_artifact, max_batch=2, threads=1)
-    scheduler = Scheduler(engine, tokenizer, prefill_chunk=4).start()
     requests = [Request(tuple(tokenizer.encode(p)), stopping=StoppingParams(max_new_tokens=12 - i))
                 for i, p in enumerate(PROMPTS)]
-    results = [None] * len(requests)
-
-    def go(i):
-        results[i] = [e.token.token_id for e in stream(scheduler, requests[i]) if e.kind == "token"]
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    scheduler.shutdown()
+    results = [tokens for tokens, _, _ in run_concurrently(engine, tokenizer, requests, prefill_chunk=4)]
     for req, got in zip(requests, results):
         ids = list(req.prompt_ids)
         with torch.no_grad():

@@ -14,6 +14,7 @@ sink from the scheduler thread; the gRPC layer forwards events to asyncio.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..engines.base import Chunk, Engine, EngineError
+from .constraints import ConstraintSpec
 from .detokenizer import IncrementalDetokenizer
 from .sampling import SampledToken, SamplingParams, TokenSampler
 from .stopping import StoppingCriteria, StoppingParams, StopReason, StopSequenceMatcher
@@ -44,6 +46,7 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     stopping: StoppingParams = StoppingParams()
     request_id: str = ""
+    constraint: ConstraintSpec | None = None
 
 
 @dataclass
@@ -159,7 +162,7 @@ class Scheduler:
             stopping = request.stopping
         else:
             stopping = StoppingParams(**{**request.stopping.__dict__, "stop_token_ids": self.stop_token_ids})
-            request = Request(request.prompt_ids, request.sampling, stopping, request.request_id)
+            request = dataclasses.replace(request, stopping=stopping)  # keeps every other field
         validate_request(request, self.context_window)
         vocab = self.engine.info.vocab_size
         if max(request.prompt_ids) >= vocab or min(request.prompt_ids) < 0:

@@ -49,7 +49,7 @@ class GraniteArch:
     pad_token_id: int | None
     layer_types: tuple[str, ...] = ()  # "attention" or "mamba" per layer
     rope: bool = True  # False: NoPE (Granite 4.0 H)
-    mamba: dict | None = None  # Mamba2 dimensions (see mamba.mamba_dims) when any layer is Mamba
+    mamba: dict | None = None  # Mamba2 dimensions (see mamba_dims below) when any layer is Mamba
 
     @property
     def attention_layers(self) -> list[int]:
@@ -169,11 +169,43 @@ def arch_from_config(config: dict, source: str = "config.json") -> GraniteArch:
 
 
 def _mamba(config: dict, source: str) -> dict:
-    from .mamba import mamba_dims
-
     dims = mamba_dims(config)
     dims["eps"] = float(config.get("rms_norm_eps", 1e-6))
     return dims
+
+
+def mamba_dims(config: dict) -> dict:
+    """The Mamba2 dimensions of a hybrid config (the graph builder in mamba.py reads them)."""
+    hidden = int(config["hidden_size"])
+    intermediate = int(config.get("mamba_expand", 2) * hidden)
+    groups = int(config.get("mamba_n_groups", 1))
+    d_state = int(config.get("mamba_d_state", 128))
+    heads = int(config.get("mamba_n_heads", 128))
+    head_dim = int(config.get("mamba_d_head") or intermediate // heads)
+    if groups != 1:
+        raise CheckpointError(f"config.json: mamba_n_groups = {groups} is not supported (every Granite 4.0 H model uses 1)")
+    if heads * head_dim != intermediate:
+        raise CheckpointError(f"config.json: mamba_n_heads * mamba_d_head = {heads * head_dim} != mamba_expand * hidden_size = {intermediate}")
+    limit = [_json_float(v) for v in (config.get("time_step_limit") or (0.0, float("inf")))]
+    return {
+        "intermediate": intermediate,
+        "groups": groups,
+        "d_state": d_state,
+        "heads": heads,
+        "head_dim": head_dim,
+        "d_conv": int(config.get("mamba_d_conv", 4)),
+        "conv_dim": intermediate + 2 * groups * d_state,
+        "time_step_limit": [float(limit[0]), float(limit[1])],
+        "conv_bias": bool(config.get("mamba_conv_bias", True)),
+        "proj_bias": bool(config.get("mamba_proj_bias", False)),
+    }
+
+
+def _json_float(value) -> float:
+    """transformers 5.x writes infinity as {"__float__": "Infinity"}; others write Infinity or a string."""
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
 
 
 def resolve_model(model: str, revision: str | None = None) -> tuple[Path, dict]:

@@ -24,41 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checkpoint import CheckpointError
-
-
-def mamba_dims(config: dict) -> dict:
-    hidden = int(config["hidden_size"])
-    intermediate = int(config.get("mamba_expand", 2) * hidden)
-    groups = int(config.get("mamba_n_groups", 1))
-    d_state = int(config.get("mamba_d_state", 128))
-    heads = int(config.get("mamba_n_heads", 128))
-    head_dim = int(config.get("mamba_d_head") or intermediate // heads)
-    if groups != 1:
-        raise CheckpointError(f"config.json: mamba_n_groups = {groups} is not supported (every Granite 4.0 H model uses 1)")
-    if heads * head_dim != intermediate:
-        raise CheckpointError(f"config.json: mamba_n_heads * mamba_d_head = {heads * head_dim} != mamba_expand * hidden_size = {intermediate}")
-    limit = [_json_float(v) for v in (config.get("time_step_limit") or (0.0, float("inf")))]
-    return {
-        "intermediate": intermediate,
-        "groups": groups,
-        "d_state": d_state,
-        "heads": heads,
-        "head_dim": head_dim,
-        "d_conv": int(config.get("mamba_d_conv", 4)),
-        "conv_dim": intermediate + 2 * groups * d_state,
-        "time_step_limit": [float(limit[0]), float(limit[1])],
-        "conv_bias": bool(config.get("mamba_conv_bias", True)),
-        "proj_bias": bool(config.get("mamba_proj_bias", False)),
-    }
-
-
-def _json_float(value) -> float:
-    """transformers 5.x writes infinity as {"__float__": "Infinity"}; others write Infinity or a string."""
-    if isinstance(value, dict) and "__float__" in value:
-        value = value["__float__"]
-    return float(value)
-
 
 def _same(t, hint):
     return t

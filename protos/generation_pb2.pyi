@@ -34,28 +34,32 @@ TOKEN_LIMIT: StopReason
 ERROR: StopReason
 
 class BatchedGenerationRequest(_message.Message):
-    __slots__ = ("model_id", "prefix_id", "requests", "params")
+    __slots__ = ("model_id", "prefix_id", "adapter_id", "requests", "params")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     prefix_id: str
+    adapter_id: str
     requests: _containers.RepeatedCompositeFieldContainer[GenerationRequest]
     params: Parameters
-    def __init__(self, model_id: _Optional[str] = ..., prefix_id: _Optional[str] = ..., requests: _Optional[_Iterable[_Union[GenerationRequest, _Mapping]]] = ..., params: _Optional[_Union[Parameters, _Mapping]] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., prefix_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., requests: _Optional[_Iterable[_Union[GenerationRequest, _Mapping]]] = ..., params: _Optional[_Union[Parameters, _Mapping]] = ...) -> None: ...
 
 class SingleGenerationRequest(_message.Message):
-    __slots__ = ("model_id", "prefix_id", "request", "params")
+    __slots__ = ("model_id", "prefix_id", "adapter_id", "request", "params")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     prefix_id: str
+    adapter_id: str
     request: GenerationRequest
     params: Parameters
-    def __init__(self, model_id: _Optional[str] = ..., prefix_id: _Optional[str] = ..., request: _Optional[_Union[GenerationRequest, _Mapping]] = ..., params: _Optional[_Union[Parameters, _Mapping]] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., prefix_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., request: _Optional[_Union[GenerationRequest, _Mapping]] = ..., params: _Optional[_Union[Parameters, _Mapping]] = ...) -> None: ...
 
 class BatchedGenerationResponse(_message.Message):
     __slots__ = ("responses",)
@@ -106,7 +110,13 @@ class Parameters(_message.Message):
     def __init__(self, method: _Optional[_Union[DecodingMethod, str]] = ..., sampling: _Optional[_Union[SamplingParameters, _Mapping]] = ..., stopping: _Optional[_Union[StoppingCriteria, _Mapping]] = ..., response: _Optional[_Union[ResponseOptions, _Mapping]] = ..., decoding: _Optional[_Union[DecodingParameters, _Mapping]] = ..., truncate_input_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodingParameters(_message.Message):
-    __slots__ = ("repetition_penalty", "length_penalty")
+    __slots__ = ("repetition_penalty", "length_penalty", "format", "json_schema", "regex", "choice", "grammar")
+    class ResponseFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        TEXT: _ClassVar[DecodingParameters.ResponseFormat]
+        JSON: _ClassVar[DecodingParameters.ResponseFormat]
+    TEXT: DecodingParameters.ResponseFormat
+    JSON: DecodingParameters.ResponseFormat
     class LengthPenalty(_message.Message):
         __slots__ = ("start_index", "decay_factor")
         START_INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -114,11 +124,26 @@ class DecodingParameters(_message.Message):
         start_index: int
         decay_factor: float
         def __init__(self, start_index: _Optional[int] = ..., decay_factor: _Optional[float] = ...) -> None: ...
+    class StringChoices(_message.Message):
+        __slots__ = ("choices",)
+        CHOICES_FIELD_NUMBER: _ClassVar[int]
+        choices: _containers.RepeatedScalarFieldContainer[str]
+        def __init__(self, choices: _Optional[_Iterable[str]] = ...) -> None: ...
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     repetition_penalty: float
     length_penalty: DecodingParameters.LengthPenalty
-    def __init__(self, repetition_penalty: _Optional[float] = ..., length_penalty: _Optional[_Union[DecodingParameters.LengthPenalty, _Mapping]] = ...) -> None: ...
+    format: DecodingParameters.ResponseFormat
+    json_schema: str
+    regex: str
+    choice: DecodingParameters.StringChoices
+    grammar: str
+    def __init__(self, repetition_penalty: _Optional[float] = ..., length_penalty: _Optional[_Union[DecodingParameters.LengthPenalty, _Mapping]] = ..., format: _Optional[_Union[DecodingParameters.ResponseFormat, str]] = ..., json_schema: _Optional[str] = ..., regex: _Optional[str] = ..., choice: _Optional[_Union[DecodingParameters.StringChoices, _Mapping]] = ..., grammar: _Optional[str] = ...) -> None: ...
 
 class SamplingParameters(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "typical_p", "seed")
@@ -184,18 +209,22 @@ class TokenInfo(_message.Message):
     def __init__(self, text: _Optional[str] = ..., logprob: _Optional[float] = ..., rank: _Optional[int] = ..., top_tokens: _Optional[_Iterable[_Union[TokenInfo.TopToken, _Mapping]]] = ...) -> None: ...
 
 class BatchedTokenizeRequest(_message.Message):
-    __slots__ = ("model_id", "requests", "return_tokens", "return_offsets", "truncate_input_tokens")
+    __slots__ = ("model_id", "prefix_id", "adapter_id", "requests", "return_tokens", "return_offsets", "truncate_input_tokens")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RETURN_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
+    prefix_id: str
+    adapter_id: str
     requests: _containers.RepeatedCompositeFieldContainer[TokenizeRequest]
     return_tokens: bool
     return_offsets: bool
     truncate_input_tokens: int
-    def __init__(self, model_id: _Optional[str] = ..., requests: _Optional[_Iterable[_Union[TokenizeRequest, _Mapping]]] = ..., return_tokens: _Optional[bool] = ..., return_offsets: _Optional[bool] = ..., truncate_input_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., prefix_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., requests: _Optional[_Iterable[_Union[TokenizeRequest, _Mapping]]] = ..., return_tokens: _Optional[bool] = ..., return_offsets: _Optional[bool] = ..., truncate_input_tokens: _Optional[int] = ...) -> None: ...
 
 class BatchedTokenizeResponse(_message.Message):
     __slots__ = ("responses",)

@@ -50,8 +50,10 @@ def test_stubs_use_package_relative_imports():
 
 
 # ---------------------------------------------------------------------------
-# (b) Wire contract, table-driven from SERVING.md (+ IBM's generation.proto for
-# the types SERVING.md leaves implicit). card: "" singular, "repeated", or
+# (b) Wire contract, table-driven from SERVING.md and the vendored upstream protos
+# (protos/upstream/: IBM's generation.proto for the types SERVING.md leaves implicit,
+# vllm-tgis-adapter's for adapter_id, guided decoding and the optional temperature;
+# tests/test_protos_upstream.py checks the same against the .proto files themselves). card: "" singular, "repeated", or
 # "optional" (proto3 explicit presence). Type: scalar name, or the full name of
 # a message / enum type.
 
@@ -68,12 +70,14 @@ FMAAS_FIELDS = {
     "fmaas.BatchedGenerationRequest": [
         ("model_id", 1, "string", ""),
         ("prefix_id", 2, "string", "optional"),
+        ("adapter_id", 4, "string", "optional"),
         ("requests", 3, "fmaas.GenerationRequest", "repeated"),
         ("params", 10, "fmaas.Parameters", ""),
     ],
     "fmaas.SingleGenerationRequest": [
         ("model_id", 1, "string", ""),
         ("prefix_id", 2, "string", "optional"),
+        ("adapter_id", 4, "string", "optional"),
         ("request", 3, "fmaas.GenerationRequest", ""),
         ("params", 10, "fmaas.Parameters", ""),
     ],
@@ -104,13 +108,21 @@ FMAAS_FIELDS = {
     "fmaas.DecodingParameters": [
         ("repetition_penalty", 1, "float", ""),
         ("length_penalty", 2, "fmaas.DecodingParameters.LengthPenalty", "optional"),
+        ("format", 3, "fmaas.DecodingParameters.ResponseFormat", "oneof guided"),
+        ("json_schema", 4, "string", "oneof guided"),
+        ("regex", 5, "string", "oneof guided"),
+        ("choice", 6, "fmaas.DecodingParameters.StringChoices", "oneof guided"),
+        ("grammar", 7, "string", "oneof guided"),
+    ],
+    "fmaas.DecodingParameters.StringChoices": [
+        ("choices", 1, "string", "repeated"),
     ],
     "fmaas.DecodingParameters.LengthPenalty": [
         ("start_index", 1, "uint32", ""),
         ("decay_factor", 2, "float", ""),
     ],
     "fmaas.SamplingParameters": [
-        ("temperature", 1, "float", ""),
+        ("temperature", 1, "float", "optional"),
         ("top_k", 2, "uint32", ""),
         ("top_p", 3, "float", ""),
         ("typical_p", 4, "float", ""),
@@ -119,7 +131,7 @@ FMAAS_FIELDS = {
     "fmaas.StoppingCriteria": [
         ("max_new_tokens", 1, "uint32", ""),
         ("min_new_tokens", 2, "uint32", ""),
-        ("time_limit_millis", 3, "uint64", ""),
+        ("time_limit_millis", 3, "uint32", ""),
         ("stop_sequences", 4, "string", "repeated"),
         ("include_stop_sequence", 5, "bool", "optional"),
     ],
@@ -143,6 +155,8 @@ FMAAS_FIELDS = {
     ],
     "fmaas.BatchedTokenizeRequest": [
         ("model_id", 1, "string", ""),
+        ("prefix_id", 6, "string", "optional"),
+        ("adapter_id", 7, "string", "optional"),
         ("requests", 2, "fmaas.TokenizeRequest", "repeated"),
         ("return_tokens", 3, "bool", ""),
         ("return_offsets", 4, "bool", ""),
@@ -186,6 +200,7 @@ FMAAS_ENUMS = {
         "ERROR": 7,
     },
     "fmaas.ModelInfoResponse.ModelKind": {"DECODER_ONLY": 0, "ENCODER_DECODER": 1},
+    "fmaas.DecodingParameters.ResponseFormat": {"TEXT": 0, "JSON": 1},
 }
 
 # granite.v1 is ours, but clients build against it: freeze it the same way.

@@ -29,6 +29,10 @@ class Chunk:
     seq_id: int
     token_ids: tuple[int, ...]
     start: int  # position of token_ids[0]; equals the number of tokens already cached
+    # tgis (prompt logprobs): also return the logits of EVERY position of this chunk; the engine
+    # puts them in `engine.chunk_logits[seq_id]` (float32 [len(token_ids), vocab]) during step().
+    # Engines that cannot leave `supports_all_logits` False (the scheduler then refuses the request).
+    all_logits: bool = False
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,28 @@ class EngineInfo:
     reason: str = ""  # why this engine was chosen
 
 
+@dataclass(eq=False)
+class StateSnapshot:
+    """A copy of part of one sequence's cache, on the engine's device, for the prefix cache.
+
+    kind "kv": the attention KV of positions [start, end). kind "recurrent": the Mamba
+    conv/ssm state after `end` tokens (it cannot be cut at another position). Immutable
+    once made; `nbytes` is what it holds."""
+
+    kind: str  # "kv" | "recurrent"
+    start: int
+    end: int
+    buffers: dict
+    nbytes: int
+
+
 class Engine(ABC):
     info: EngineInfo
+    # Engines that can copy a sequence's state out and back (prefix caching) set this.
+    supports_snapshots: bool = False
+    # Engines that honour Chunk.all_logits set this (tgis: prompt-token logprobs).
+    supports_all_logits: bool = False
+    recurrent: bool = False  # has Mamba-style state that only snapshots at exact positions
 
     @abstractmethod
     def reserve(self, seq_id: int) -> None:
@@ -59,6 +83,24 @@ class Engine(ABC):
 
     def close(self) -> None:
         pass
+
+    # --- prefix caching (engines with supports_snapshots) ----------------------------------
+    def save_kv(self, seq_id: int, start: int, end: int) -> StateSnapshot:
+        """A copy of seq_id's KV cache at positions [start, end) (end <= tokens cached)."""
+        raise NotImplementedError
+
+    def save_recurrent(self, seq_id: int) -> StateSnapshot | None:
+        """A copy of seq_id's recurrent state as it is now (None for attention-only models)."""
+        raise NotImplementedError
+
+    def restore(self, seq_id: int, length: int, kv: list[StateSnapshot], recurrent: StateSnapshot | None) -> None:
+        """Start the freshly reserved seq_id from cached state: KV positions [0, length) from the
+        `kv` segments (which cover them), and the recurrent state (taken after `length` tokens).
+        Afterwards the sequence holds `length` tokens."""
+        raise NotImplementedError
+
+    def cache_bytes(self) -> int:
+        return 0
 
 
 def check_chunks(chunks: list[Chunk], cached: dict[int, int], max_seq_len: int) -> None:

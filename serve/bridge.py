@@ -1,74 +1,65 @@
-"""One RPC's plumbing between a servicer and the scheduler, shared by both services.
+"""gRPC bookkeeping shared by every handler: status mapping, access logs, malformed requests.
 
-* :class:`RpcReject` - a request refused before (or instead of) generation, with
-  the gRPC status it becomes; :func:`validated` checks sampling / stopping
-  parameters and names the offending field by its wire path.
-* :class:`Prepared` - a request validated and tokenized: the scheduler
-  requests plus what the response builders need to know about it.
-* :class:`Call` - the access-log records of one RPC (``request_start`` /
-  ``request_end``, carrying the client's ``x-correlation-id``), written by
-  :class:`JsonLogFormatter` as JSON lines.
-* :class:`Bridge` - carries one request's scheduler events (scheduler thread)
-  to the event loop, through ``loop.call_soon_threadsafe``.
+* :func:`grpc_status` - the project's error classes (:mod:`granite_deploy.errors`) as
+  gRPC status codes (and the ``rejections_total`` metric reason); the HTTP front end
+  maps the same classes to its own statuses.
+* :func:`rpc` - the decorator every servicer method wears: it opens a :class:`Call`
+  (``request_start`` / ``request_end`` access-log records carrying the client's
+  ``x-correlation-id``), turns a malformed request message into INVALID_ARGUMENT,
+  maps raised errors to statuses, logs unexpected ones once (INTERNAL, never a
+  traceback to the client) and runs the handler's clean-ups (cancelling its
+  generations) however it ends.
+* :class:`MalformedRequestInterceptor` - wraps the request deserializers of the
+  project's services so that bytes that are not the request message reach
+  :func:`rpc` as a :class:`Malformed` marker instead of failing inside grpc.
+* :class:`Prepared` - a request validated and tokenized: the scheduler requests
+  plus what the response builders need to know about it.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
+import inspect
 import json
 import logging
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import grpc
 
-from .metrics import Metrics
-from .sampling import SamplingParams
+from ..errors import GraniteDeployError, InvalidField, NotFound, Overloaded, TooLarge, Unavailable, VerificationFailed
 from .scheduler import Event, Request
-from .stopping import StoppingParams
-
-if TYPE_CHECKING:
-    from .server import GraniteServer
 
 access_log = logging.getLogger("granite_deploy.serve.access")
+log = logging.getLogger(__name__)
 
 
-# ============================================================================ errors
+# ============================================================================ errors -> statuses
 
-class RpcReject(Exception):
-    """A request refused before (or instead of) generation."""
+class GenerationFailed(GraniteDeployError):
+    """A generation ended with stop reason ERROR (the engine or the sampler failed)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str):
-        super().__init__(message)
-        self.code, self.message, self.reason = code, message, reason
+    reason = None  # not a rejection
 
 
-def invalid(message: str) -> RpcReject:
-    return RpcReject(grpc.StatusCode.INVALID_ARGUMENT, message, "invalid_argument")
+_STATUS: tuple[tuple[type, grpc.StatusCode, str], ...] = (
+    (TooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "too_large"),
+    (InvalidField, grpc.StatusCode.INVALID_ARGUMENT, "invalid_argument"),
+    (NotFound, grpc.StatusCode.NOT_FOUND, "not_found"),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE, "unavailable"),
+    (VerificationFailed, grpc.StatusCode.FAILED_PRECONDITION, "failed_precondition"),
+)
 
 
-def _renamed(exc: ValueError, names: dict[str, str]) -> RpcReject:
-    """A validate() message "<field>: ..." with the field renamed to its wire path."""
-    msg = str(exc)
-    name, sep, rest = msg.partition(":")
-    if sep and name in names:
-        msg = f"{names[name]}:{rest}"
-    return invalid(msg)
-
-
-def validated(sampling: SamplingParams, stopping: StoppingParams,
-              names: dict[str, str]) -> tuple[SamplingParams, StoppingParams]:
-    # The same checks (and limits) the scheduler applies on submit, run first so that
-    # errors name the wire field rather than the Python one.
-    try:
-        sampling.validate()
-        stopping.validate()
-    except ValueError as exc:
-        raise _renamed(exc, names) from None
-    return sampling, stopping
+def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str | None]:
+    """(status code, rejections_total reason or None) for an error raised while serving an RPC."""
+    for cls, code, reason in _STATUS:
+        if isinstance(exc, cls):
+            return code, getattr(exc, "reason", None) or reason
+    return grpc.StatusCode.INTERNAL, getattr(exc, "reason", None)
 
 
 # ============================================================================ prepared requests
@@ -84,6 +75,18 @@ class Prepared:
     ranks: bool = False
     input_text: bool = False
     input_tokens: bool = False
+
+
+def final_fields(final: Event | None) -> dict:
+    """The access-log fields of a finished generation."""
+    if final is None:
+        return {}
+    out = {"stop_reason": final.stop_reason.name, "prompt_tokens": final.prompt_token_count,
+           "generated_tokens": final.generated_count, "queue_ms": round(final.queue_time_s * 1000, 3),
+           "ttft_ms": round(final.time_to_first_token_s * 1000, 3), "seed": final.seed}
+    if final.error:
+        out["error"] = final.error
+    return out
 
 
 # ============================================================================ access logs
@@ -116,14 +119,23 @@ def metadata_dict(metadata) -> dict[str, str]:
 
 
 class Call:
-    """Bookkeeping of one RPC: ids, timing and the start/end access-log records."""
+    """Bookkeeping of one RPC: ids, timing, the start/end access-log records, clean-ups.
 
-    def __init__(self, server: GraniteServer, context, rpc: str):
-        self.server, self.context, self.rpc = server, context, rpc
+    A handler adds log fields with ``call.fields.update(...)`` or a callable with
+    ``call.fields_from(fn)`` (evaluated when the record is written), and registers
+    clean-ups with ``call.on_close(fn)`` (``call.watch(stream)`` also cancels the
+    stream when the client goes away).
+    """
+
+    def __init__(self, context, rpc: str, on_reject: Callable[[str], None] | None = None):
+        self.context, self.rpc, self.on_reject = context, rpc, on_reject
         self.t0 = time.monotonic()
         self.correlation_id = metadata_dict(context.invocation_metadata()).get("x-correlation-id", "")
         self.request_id = uuid.uuid4().hex[:16]
         self.ended = False
+        self.fields: dict = {}
+        self._field_fns: list[Callable[[], dict]] = []
+        self._cleanups: list[Callable[[], None]] = []
         self._log("request_start", peer=context.peer())
 
     def _log(self, event: str, **fields) -> None:
@@ -131,116 +143,140 @@ class Call:
                "correlation_id": self.correlation_id, **fields}
         access_log.info(event, extra={"fields": rec})
 
+    def fields_from(self, fn: Callable[[], dict]) -> None:
+        self._field_fns.append(fn)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._cleanups.append(fn)
+
+    def watch(self, stream) -> None:
+        """Cancel `stream` when the client goes away or the handler ends (frees its slot)."""
+        self.context.add_done_callback(lambda _ctx: stream.cancel())
+        self.on_close(stream.cancel)
+
     def end(self, status: str, **fields) -> None:
         if self.ended:
             return
         self.ended = True
-        self._log("request_end", status=status, duration_ms=round((time.monotonic() - self.t0) * 1000, 3), **fields)
+        for fn in self._cleanups:
+            try:
+                fn()
+            except Exception:  # a clean-up must not hide the RPC's own outcome
+                log.exception("clean-up of %s failed", self.rpc)
+        extra = dict(self.fields)
+        for fn in self._field_fns:
+            try:
+                extra.update(fn())
+            except Exception:
+                log.exception("access-log fields of %s failed", self.rpc)
+        extra.update(fields)
+        self._log("request_end", status=status, duration_ms=round((time.monotonic() - self.t0) * 1000, 3), **extra)
 
-    @contextmanager
-    def guard(self, cancel: Callable[[], None], fields: Callable[[], dict] = dict):
-        """Run an RPC body: end record OK when it completes, CANCELLED when the client goes
-        away (the generator is closed), INTERNAL (logged) on an error; an abort keeps the
-        record the body already wrote. Always cancels the generation (frees its slot)."""
-        status = "CANCELLED"
+    def error_status(self, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        """Record `exc` (metrics, end record, log for unexpected ones) and return (code, message)."""
+        code, reason = grpc_status(exc)
+        if isinstance(exc, GraniteDeployError):
+            message = str(exc)
+        else:  # a bug, not the client's fault: log it once with the ids, tell the client little
+            log.error("%s failed: %s: %s", self.rpc, type(exc).__name__, exc, exc_info=exc,
+                      extra={"fields": {"request_id": self.request_id, "correlation_id": self.correlation_id}})
+            message = f"internal error ({type(exc).__name__}); request id {self.request_id}"
+        if reason and self.on_reject:
+            self.on_reject(reason)
+        self.end(code.name, error=message)
+        return code, message
+
+
+# ============================================================================ malformed requests
+
+class Malformed:
+    """What a wrapped deserializer returns for bytes that are not the request message."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _safe_deserializer(deserialize):
+    if deserialize is None:
+        return None
+
+    def safe(data: bytes):
         try:
-            yield
-            status = "OK"
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            status = "INTERNAL"
-            logging.getLogger(__name__).exception("%s failed", self.rpc,
-                                                  extra={"fields": {"request_id": self.request_id}})
-            raise
-        finally:
-            cancel()
-            self.end(status, **fields())
+            return deserialize(data)
+        except Exception as exc:  # google.protobuf.message.DecodeError, RecursionError, ...
+            return Malformed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
-    async def reject(self, exc: RpcReject):
-        self.server.metrics_rejected(exc.reason)
-        self.end(exc.code.name, error=exc.message)
-        await self.context.abort(exc.code, exc.message)
+    return safe
 
 
-def final_fields(final: Event | None) -> dict:
-    """The access-log fields of a finished generation."""
-    if final is None:
-        return {}
-    out = {"stop_reason": final.stop_reason.name, "prompt_tokens": final.prompt_token_count,
-           "generated_tokens": final.generated_count, "queue_ms": round(final.queue_time_s * 1000, 3),
-           "ttft_ms": round(final.time_to_first_token_s * 1000, 3), "seed": final.seed}
-    if final.error:
-        out["error"] = final.error
-    return out
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Request bytes of the given services that do not parse reach the handler as :class:`Malformed`."""
+
+    def __init__(self, services: tuple[str, ...]):
+        self._prefixes = tuple(f"/{s}/" for s in services)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not (handler_call_details.method or "").startswith(self._prefixes):
+            return handler
+        return handler._replace(request_deserializer=_safe_deserializer(handler.request_deserializer))
 
 
-# ============================================================================ scheduler <-> asyncio
+def _check_request(request) -> None:
+    if isinstance(request, Malformed):
+        raise InvalidField("request", f"malformed protobuf message ({request.error})")
 
-class Bridge:
-    """Carries one request's scheduler events to the event loop.
 
-    ``sink`` runs on the scheduler thread. A token event is held until the end
-    of the scheduler step (``flush`` from the on_step hook, for every bridge in
-    ``held``) so that when it is the request's last token it travels together
-    with the final event and the client gets one message carrying both the
-    delta and the stop reason. Items on the queue are lists of events:
-    [start], [token], [token, final] or [final].
+# ============================================================================ the decorator
+
+def rpc(name: str):
+    """Wrap a servicer method ``(self, request, context, call)`` (coroutine or async generator).
+
+    The servicer needs ``self.session`` (its ``rejected(reason)`` counts refusals).
+    Errors raised by the body become the status :func:`grpc_status` gives; the
+    client's cancellation ends the record as CANCELLED; clean-ups always run.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Metrics | None, held: set[Bridge]):
-        self.loop, self.metrics, self.held = loop, metrics, held
-        self.queue: asyncio.Queue[list[Event]] = asyncio.Queue()
-        self.arrival = time.monotonic()
-        self._last_token = 0.0
-        self._pending: Event | None = None  # scheduler thread only
-        self.ticket = None
-        self.finished = False  # the final event reached the consumer
+    def decorate(fn):
+        if inspect.isasyncgenfunction(fn):
+            @functools.wraps(fn)
+            async def stream_handler(self, request, context):
+                call = Call(context, name, self.session.rejected)
+                status = "CANCELLED"  # the generator closed early: the client went away
+                try:
+                    _check_request(request)
+                    async for message in fn(self, request, context, call):
+                        yield message
+                    status = "OK"
+                except grpc.aio.AbortError:
+                    status = "ABORTED_BY_HANDLER"
+                    raise
+                except Exception as exc:
+                    code, message = call.error_status(exc)
+                    await context.abort(code, message)
+                finally:
+                    call.end(status)
 
-    # --- scheduler thread -------------------------------------------------------------
-    def sink(self, event: Event) -> None:
-        m, now = self.metrics, time.monotonic()
-        if event.kind == "start":
-            if m:
-                m.observe_queue(event.queue_time_s)
-            self._put([event])
-        elif event.kind == "token":
-            if m:
-                if self._last_token:
-                    m.observe_itl(now - self._last_token)
-                else:
-                    m.observe_ttft(now - self.arrival)
-            self._last_token = now
-            if self._pending is not None:
-                self._put([self._pending])
-            self._pending = event
-            self.held.add(self)
-        else:
-            if m:
-                m.observe_finished(event.stop_reason.name, now - self.arrival)
-            batch = [self._pending, event] if self._pending is not None else [event]
-            self._pending = None
-            self.held.discard(self)
-            self._put(batch)
+            return stream_handler
 
-    def flush(self) -> None:
-        if self._pending is not None:
-            event, self._pending = self._pending, None
-            self._put([event])
+        @functools.wraps(fn)
+        async def unary_handler(self, request, context):
+            call = Call(context, name, self.session.rejected)
+            try:
+                _check_request(request)
+                result = await fn(self, request, context, call)
+            except grpc.aio.AbortError:
+                call.end("ABORTED_BY_HANDLER")
+                raise
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # CancelledError: the client went away
+                    call.end("CANCELLED")
+                    raise
+                code, message = call.error_status(exc)
+                await context.abort(code, message)
+            call.end("OK")
+            return result
 
-    def _put(self, events: list[Event]) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, events)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        return unary_handler
 
-    # --- event loop -------------------------------------------------------------------------
-    async def get(self) -> list[Event]:
-        batch = await self.queue.get()
-        if batch[-1].kind == "final":
-            self.finished = True
-        return batch
-
-    def cancel(self) -> None:
-        if self.ticket is not None and not self.finished:
-            self.ticket.cancel()
+    return decorate

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-import grpc
-
+from ..errors import InvalidField
 from ..protos import granite_chat_pb2 as chat_pb2
 from ..protos import granite_chat_pb2_grpc as chat_grpc
-from .bridge import Bridge, Call, Prepared, RpcReject, final_fields, invalid, validated
+from .bridge import GenerationFailed, Prepared, final_fields, rpc
 from .sampling import SamplingParams
 from .scheduler import Event, Request
+from .session import ModelSession
 from .stopping import StopReason
 from .tool_calls import ToolCallStreamParser
-
-if TYPE_CHECKING:
-    from .server import GraniteServer
+from .validation import InputLimits, check_text_bytes, parse_json_field, rename, validate_params
 
 
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name  # granite.v1.ChatService
@@ -33,25 +31,25 @@ _CHAT_FIELDS = {"time_limit_s": "time_limit_millis"}
 
 # ============================================================================ request conversion
 
-def _conversation_dicts(conv: chat_pb2.Conversation) -> tuple[list[dict], list[dict] | None, list[dict] | None]:
-    """A Conversation as the chat template's messages / tools / documents (OpenAI shapes)."""
+def _conversation_dicts(conv: chat_pb2.Conversation, limits: InputLimits | None = None
+                        ) -> tuple[list[dict], list[dict] | None, list[dict] | None]:
+    """A Conversation as the chat template's messages / tools / documents (OpenAI shapes).
+
+    JSON fields are parsed with a depth limit; roles, sizes and counts are checked by
+    :func:`~.validation.validate_messages` (in the session, before rendering)."""
+    depth = (limits or InputLimits()).max_json_depth
     if not conv.messages:
-        raise invalid("conversation.messages: is empty (give at least one message)")
+        raise InvalidField("conversation.messages", "is empty (give at least one message)")
     messages = []
     for i, m in enumerate(conv.messages):
-        if not m.role:
-            raise invalid(f"conversation.messages[{i}].role: is empty")
         d: dict = {"role": m.role, "content": m.content}
         if m.HasField("name"):
             d["name"] = m.name
         if m.tool_calls:
             calls = []
             for j, c in enumerate(m.tool_calls):
-                try:
-                    args = json.loads(c.arguments_json) if c.arguments_json.strip() else {}
-                except ValueError as exc:
-                    raise invalid(f"conversation.messages[{i}].tool_calls[{j}].arguments_json: "
-                                  f"not valid JSON ({exc})") from None
+                where = f"conversation.messages[{i}].tool_calls[{j}].arguments_json"
+                args = parse_json_field(c.arguments_json, where, depth) if c.arguments_json.strip() else {}
                 calls.append({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": args}})
             d["tool_calls"] = calls
         if m.tool_call_id:
@@ -63,15 +61,13 @@ def _conversation_dicts(conv: chat_pb2.Conversation) -> tuple[list[dict], list[d
         for i, t in enumerate(conv.tools):
             kind = t.type or "function"
             if kind != "function":
-                raise invalid(f"conversation.tools[{i}].type: only \"function\" is supported, got {kind!r}")
+                raise InvalidField(f"conversation.tools[{i}].type", f"only \"function\" is supported, got {kind!r}")
             if not t.function.name:
-                raise invalid(f"conversation.tools[{i}].function.name: is empty")
-            try:
-                params = json.loads(t.function.parameters_json) if t.function.parameters_json.strip() else {}
-            except ValueError as exc:
-                raise invalid(f"conversation.tools[{i}].function.parameters_json: not valid JSON ({exc})") from None
+                raise InvalidField(f"conversation.tools[{i}].function.name", "is empty")
+            where = f"conversation.tools[{i}].function.parameters_json"
+            params = parse_json_field(t.function.parameters_json, where, depth) if t.function.parameters_json.strip() else {}
             if not isinstance(params, dict):
-                raise invalid(f"conversation.tools[{i}].function.parameters_json: must be a JSON object")
+                raise InvalidField(where, "must be a JSON object")
             fn = {"name": t.function.name, "description": t.function.description, "parameters": params}
             tools.append({"type": "function", "function": fn})
     documents = None
@@ -89,12 +85,9 @@ def _conversation_dicts(conv: chat_pb2.Conversation) -> tuple[list[dict], list[d
     return messages, tools, documents
 
 
-def _render_conversation(tokenizer, conv: chat_pb2.Conversation) -> str:
-    messages, tools, documents = _conversation_dicts(conv)
-    try:
-        return tokenizer.render_chat(messages, tools=tools, documents=documents, add_generation_prompt=True)
-    except ValueError as exc:  # ChatTemplateError included
-        raise invalid(f"conversation: the chat template failed: {exc}") from None
+async def _encode_conversation(session: ModelSession, conv: chat_pb2.Conversation) -> tuple[str, tuple[int, ...]]:
+    messages, tools, documents = _conversation_dicts(conv, session.limits)
+    return await session.encode_chat(messages, tools=tools, documents=documents, field="conversation.messages")
 
 
 # ============================================================================ event building
@@ -202,115 +195,107 @@ def accumulate_chat(events: list[chat_pb2.ChatEvent]) -> chat_pb2.ChatResponse:
 # ============================================================================ the servicer
 
 class ChatServicer(chat_grpc.ChatServiceServicer):
-    """granite.v1.ChatService."""
+    """granite.v1.ChatService over a :class:`~.session.ModelSession`."""
 
-    def __init__(self, server: GraniteServer):
-        self.s = server
+    def __init__(self, session: ModelSession, include_stop_sequence: bool = False):
+        self.session = session
+        self.include_stop_sequence = include_stop_sequence  # OpenAI-style default: excluded
 
-    def _prepare(self, request: chat_pb2.ChatRequest) -> Prepared:
-        """Render the prompt, validate the parameters and tokenize (raises RpcReject)."""
-        self.s.check_ready()
+    async def _prepare(self, request: chat_pb2.ChatRequest) -> Prepared:
+        """Render the prompt, validate the parameters and tokenize (raises InvalidField & co)."""
+        s = self.session
+        s.check_ready()
         which = request.WhichOneof("prompt")
-        if which == "conversation":
-            text, name = _render_conversation(self.s.tokenizer, request.conversation), "conversation"
-        elif which == "fim":
-            if not (request.fim.prefix or request.fim.suffix):
-                raise invalid("fim: prefix and suffix are both empty")
-            try:
-                text = self.s.tokenizer.fim_prompt(request.fim.prefix, request.fim.suffix)
-            except ValueError as exc:
-                raise invalid(f"fim: {exc}") from None
-            name = "fim"
-        else:
-            raise invalid("prompt: give a conversation or a fim input")
+        if which not in ("conversation", "fim"):
+            raise InvalidField("prompt", "give a conversation or a fim input")
         seed = request.seed if request.HasField("seed") else None
         sampling = SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=request.top_p or 1.0,
                                   typical_p=request.typical_p or 1.0,
                                   repetition_penalty=request.repetition_penalty or 1.0, seed=seed,
                                   logprobs=request.logprobs, top_n_tokens=request.top_n_tokens)
         include = (request.include_stop_sequence if request.HasField("include_stop_sequence")
-                   else self.s.config.chat_include_stop_sequence)
-        stopping = self.s.stopping_params(request.max_new_tokens, request.min_new_tokens, request.stop_sequences,
-                                          include, request.time_limit_millis, "max_new_tokens")
-        sampling, stopping = validated(sampling, stopping, _CHAT_FIELDS)
-        ids = self.s.encode_prompt(text, name)
+                   else self.include_stop_sequence)
+        stopping = s.stopping_params(request.max_new_tokens, request.min_new_tokens, request.stop_sequences,
+                                     include, request.time_limit_millis, "max_new_tokens")
+        # parameters first: a bad field is refused before any rendering or tokenising
+        validate_params(sampling, stopping, _CHAT_FIELDS)
+        if which == "conversation":
+            text, ids = await _encode_conversation(s, request.conversation)
+        else:
+            if not (request.fim.prefix or request.fim.suffix):
+                raise InvalidField("fim", "prefix and suffix are both empty")
+            check_text_bytes(request.fim.prefix, s.limits.max_prompt_bytes, "fim.prefix")
+            check_text_bytes(request.fim.suffix, s.limits.max_prompt_bytes, "fim.suffix")
+            try:
+                text = s.tokenizer.fim_prompt(request.fim.prefix, request.fim.suffix)
+            except ValueError as exc:
+                raise InvalidField("fim", str(exc)) from None
+            ids = await s.encode_text(text, "fim")
         return Prepared(requests=[Request(ids, sampling, stopping)], texts=[text], sample=not sampling.greedy,
                         seed=seed)
 
-    def _start(self, request: chat_pb2.ChatRequest) -> tuple[Bridge, ChatEventBuilder]:
-        """Check, prepare and submit a ChatStream / Chat request (raises RpcReject)."""
-        self.s.check_model(request.model_id, "")
-        prepared = self._prepare(request)
-        bridge = self.s.submit(prepared.requests[0])
-        builder = ChatEventBuilder(self.s.tokenizer, logprobs=request.logprobs, top_n=request.top_n_tokens,
+    async def _start(self, request: chat_pb2.ChatRequest, call) -> ChatEventBuilder:
+        """Check, prepare and submit a ChatStream / Chat request."""
+        self.session.check_model(request.model_id)
+        prepared = await self._prepare(request)
+        try:
+            stream = self.session.submit(prepared.requests[0], params_checked=True)
+        except InvalidField as exc:
+            raise rename(exc, _CHAT_FIELDS) from None
+        call.watch(stream)
+        builder = ChatEventBuilder(self.session.tokenizer, logprobs=request.logprobs, top_n=request.top_n_tokens,
                                    sample=prepared.sample, request_seed=prepared.seed)
-        return bridge, builder
+        builder.stream = stream
+        call.fields_from(lambda: {"tool_calls": builder.n_calls, **final_fields(builder.final)})
+        return builder
 
-    async def ChatStream(self, request, context):
-        call = Call(self.s, context, "granite.v1.ChatService/ChatStream")
-        try:
-            bridge, builder = self._start(request)
-        except RpcReject as exc:
-            await call.reject(exc)
-            return
-        context.add_done_callback(lambda _ctx: bridge.cancel())
-        with call.guard(bridge.cancel, lambda: {"tool_calls": builder.n_calls, **final_fields(builder.final)}):
-            while builder.final is None:
-                for ev in builder.events(await bridge.get()):
-                    yield ev
+    @rpc("granite.v1.ChatService/ChatStream")
+    async def ChatStream(self, request, context, call):
+        builder = await self._start(request, call)
+        while builder.final is None:
+            for ev in builder.events(await builder.stream.get()):
+                yield ev
 
-    async def Chat(self, request, context):
-        call = Call(self.s, context, "granite.v1.ChatService/Chat")
-        try:
-            bridge, builder = self._start(request)
-        except RpcReject as exc:
-            return await call.reject(exc)
-        context.add_done_callback(lambda _ctx: bridge.cancel())
+    @rpc("granite.v1.ChatService/Chat")
+    async def Chat(self, request, context, call):
+        builder = await self._start(request, call)
         events: list[chat_pb2.ChatEvent] = []
-        with call.guard(bridge.cancel, lambda: {"tool_calls": builder.n_calls, **final_fields(builder.final)}):
-            while builder.final is None:
-                events.extend(builder.events(await bridge.get()))
-            final = builder.final
-            if final.stop_reason == StopReason.ERROR:
-                call.end("INTERNAL", tool_calls=builder.n_calls, **final_fields(final))
-                await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {final.error}")
-            return accumulate_chat(events)
+        while builder.final is None:
+            events.extend(builder.events(await builder.stream.get()))
+        if builder.final.stop_reason == StopReason.ERROR:
+            raise GenerationFailed(f"generation failed: {builder.final.error}")
+        return accumulate_chat(events)
 
-    async def Tokenize(self, request, context):
-        call = Call(self.s, context, "granite.v1.ChatService/Tokenize")
-        try:
-            self.s.check_ready()
-            self.s.check_model(request.model_id, "")
-            which = request.WhichOneof("input")
-            if which == "text":
-                text = request.text
-            elif which == "conversation":
-                text = _render_conversation(self.s.tokenizer, request.conversation)
-            else:
-                raise invalid("input: give text or conversation")
-            ids, offsets = self.s.encode_with_offsets(text)
-            out = chat_pb2.TokenizeResponse(token_count=len(ids))
-            if request.return_tokens:
-                out.token_ids.extend(ids)
-                out.tokens.extend(self.s.token_strings(ids))
-            if request.return_offsets:
-                for a, b in offsets:
-                    out.offsets.add(start=a, end=b)
-        except RpcReject as exc:
-            return await call.reject(exc)
-        call.end("OK", prompt_tokens=len(ids))
+    @rpc("granite.v1.ChatService/Tokenize")
+    async def Tokenize(self, request, context, call):
+        s = self.session
+        s.check_ready()
+        s.check_model(request.model_id)
+        which = request.WhichOneof("input")
+        if which == "text":
+            ids, offsets = await s.encode_with_offsets(request.text, "text")
+        elif which == "conversation":
+            text, _ = await _encode_conversation(s, request.conversation)
+            ids, offsets = await s.encode_with_offsets(text, "conversation")
+        else:
+            raise InvalidField("input", "give text or conversation")
+        out = chat_pb2.TokenizeResponse(token_count=len(ids))
+        if request.return_tokens:
+            out.token_ids.extend(ids)
+            out.tokens.extend(s.token_strings(ids))
+        if request.return_offsets:
+            for a, b in offsets:
+                out.offsets.add(start=a, end=b)
+        call.fields["prompt_tokens"] = len(ids)
         return out
 
-    async def ModelInfo(self, request, context):
-        call = Call(self.s, context, "granite.v1.ChatService/ModelInfo")
-        try:
-            self.s.check_ready()
-            self.s.check_model(request.model_id, "")
-        except RpcReject as exc:
-            return await call.reject(exc)
-        call.end("OK")
-        info = self.s.engine.info
+    @rpc("granite.v1.ChatService/ModelInfo")
+    async def ModelInfo(self, request, context, call):
+        s = self.session
+        s.check_ready()
+        s.check_model(request.model_id)
+        info = s.engine_info
         device = str(info.device).split(":")[0]
-        return chat_pb2.ModelInfoResponse(model_id=self.s.model_id, context_length=self.s.context_window,
-                                          max_new_tokens=self.s.max_new_tokens_limit,
+        return chat_pb2.ModelInfoResponse(model_id=s.model_id, context_length=s.context_window,
+                                          max_new_tokens=s.max_new_tokens_limit,
                                           engine_kind=f"{info.kind}-{device}", precision=info.precision)

@@ -15,15 +15,15 @@ documents, add_generation_prompt, the named special tokens, then extra kwargs).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import re
-import types
-from collections.abc import Callable, Mapping
+import sys
+import threading
+import time
+from collections.abc import Mapping
 from datetime import datetime
-from enum import Enum
 from functools import lru_cache
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any
 
 import jinja2
 import jinja2.exceptions
@@ -99,6 +99,74 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             )
 
 
+class TemplateLimitError(ChatTemplateError):
+    """Rendering went past a time, size or memory limit (RESOURCE_EXHAUSTED, not a template bug)."""
+
+    too_large = True
+
+
+_limits = threading.local()  # per rendering thread: (deadline or None, max_chars or None)
+_TEMPLATE_FILE = "<template>"  # the code filename Jinja gives templates compiled from a string
+
+
+def _check_size(value: Any) -> Any:
+    max_chars = getattr(_limits, "max_chars", None)
+    if max_chars is not None and isinstance(value, (str, list, tuple)) and len(value) > max_chars:
+        raise TemplateLimitError(f"chat template output is over the limit of {max_chars} characters")
+    return value
+
+
+class _LimitedEnvironment(ImmutableSandboxedEnvironment):
+    """The transformers sandbox, plus size checks on `*`, `**` and `+` (so `'x' * 10**8`
+    is refused before it is built; intercepted operators are also never constant-folded)."""
+
+    intercepted_binops = frozenset(["*", "**", "+"])
+
+    def call_binop(self, context, operator, left, right):
+        max_chars = getattr(_limits, "max_chars", None)
+        if operator == "*" and max_chars is not None:
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > max_chars:
+                    raise TemplateLimitError(f"chat template output is over the limit of {max_chars} characters")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(right) > 4096 \
+                and abs(left) > 1:
+            raise TemplateLimitError(f"chat template computes a power too large ({left} ** {right})")
+        return _check_size(super().call_binop(context, operator, left, right))
+
+
+def _render_limited(compiled: jinja2.Template, variables: dict, time_limit_s: float | None,
+                    max_chars: int | None) -> str:
+    """Render with a deadline (checked on every executed template line, through a trace
+    function on this thread only) and a bound on the output's length."""
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+    lines = [0]
+
+    def local_trace(frame, event, arg):
+        if event == "line":
+            lines[0] += 1
+            if deadline is not None and not lines[0] & 63 and time.monotonic() > deadline:
+                raise TemplateLimitError(f"chat template rendering took longer than {time_limit_s:g} s")
+        return local_trace
+
+    def global_trace(frame, event, arg):
+        return local_trace if frame.f_code.co_filename == _TEMPLATE_FILE else None
+
+    previous = sys.gettrace()
+    _limits.max_chars = max_chars
+    sys.settrace(global_trace if deadline is not None else previous)
+    try:
+        out, size = [], 0
+        for piece in compiled.generate(**variables):
+            size += len(piece)
+            if max_chars is not None and size > max_chars:
+                raise TemplateLimitError(f"chat template output is over the limit of {max_chars} characters")
+            out.append(piece)
+        return "".join(out)
+    finally:
+        sys.settrace(previous)
+        _limits.max_chars = None
+
+
 def _jinja_version_ok() -> bool:
     parts = []
     for piece in jinja2.__version__.split(".")[:3]:
@@ -113,7 +181,7 @@ def compile_template(source: str) -> jinja2.Template:
     if not _jinja_version_ok():
         # Older Jinja has known sandbox escapes; chat templates are untrusted code from the artifact.
         raise ChatTemplateError(f"chat templates need jinja2>=3.1.6, found {jinja2.__version__}")
-    env = ImmutableSandboxedEnvironment(
+    env = _LimitedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -218,139 +286,6 @@ def _alias_reasoning(chat: list) -> list:
 
 
 # --------------------------------------------------------------------------------------------
-# Python functions as tools (mirrors transformers.utils.get_json_schema)
-# --------------------------------------------------------------------------------------------
-
-_JSON_SCALARS = {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null"}
-_BASIC = {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null",
-          list: "array", tuple: "array", dict: "object"}
-_description_re = re.compile(r"^(.*?)[\n\s]*(Args:|Returns:|Raises:|\Z)", re.DOTALL)
-_args_re = re.compile(r"\n\s*Args:\n(.*?)[\n\s]*(Returns:|Raises:|\Z)", re.DOTALL)
-_args_split_re = re.compile(
-    r"""
-(?:^|\n)
-([ \t]*)(\w+)(?:[ \t]*\([^()\n]*\))?:\s*
-(.*?)\s*
-(?=\n(?!\1[ \t])[ \t]*\w+(?:[ \t]*\([^()\n]*\))?:|\Z)
-""",
-    re.DOTALL | re.VERBOSE,
-)
-_returns_re = re.compile(r"\n\s*Returns:\n\s*(.*?)[\n\s]*(Raises:|\Z)", re.DOTALL)
-
-
-def _enum_schema(values: list) -> dict:
-    kinds = list(dict.fromkeys(_JSON_SCALARS[type(v)] for v in values))
-    return {"type": kinds[0] if len(kinds) == 1 else kinds, "enum": values}
-
-
-def _hint_schema(hint) -> dict:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is None and isinstance(hint, type) and issubclass(hint, Enum):
-        values = [m.value for m in hint]
-        if not values or any(type(v) not in _JSON_SCALARS for v in values):
-            raise ChatTemplateError(f"Enum {hint.__name__} cannot be written as a JSON schema enum")
-        return _enum_schema(values)
-    if origin is None:
-        if hint is Any:
-            return {}
-        if hint in _BASIC:
-            return {"type": _BASIC[hint]}
-        raise ChatTemplateError(f"Couldn't convert the type hint {hint!r} to a JSON schema")
-    if origin is Union or (hasattr(types, "UnionType") and origin is types.UnionType):
-        subs = [_hint_schema(t) for t in args if t is not type(None)]
-        if len(subs) == 1:
-            out = subs[0]
-        elif all(s.keys() == {"type"} and isinstance(s["type"], str) for s in subs):
-            names = sorted({s["type"] for s in subs})
-            out = {"type": names[0] if len(names) == 1 else names}
-        else:
-            out = {"anyOf": subs}
-        if type(None) in args:
-            out["nullable"] = True
-        return out
-    if origin is Literal and args:
-        if any(type(a) not in _JSON_SCALARS for a in args):
-            raise ChatTemplateError("Only the valid python literals can be listed in typing.Literal.")
-        return _enum_schema(list(args))
-    if origin is list:
-        return {"type": "array", "items": _hint_schema(args[0])} if args else {"type": "array"}
-    if origin is tuple:
-        if not args:
-            return {"type": "array"}
-        if len(args) == 1 or ... in args:
-            raise ChatTemplateError(f"Tuple type hint {hint!r} is not converted to a JSON schema; use list[]")
-        return {"type": "array", "prefixItems": [_hint_schema(t) for t in args]}
-    if origin is dict:
-        out = {"type": "object"}
-        if len(args) == 2:
-            out["additionalProperties"] = _hint_schema(args[1])
-        return out
-    raise ChatTemplateError(f"Couldn't parse the type hint {hint!r}")
-
-
-def function_to_schema(func: Callable) -> dict:
-    """OpenAI-style tool schema from type hints and a Google-style docstring (as transformers builds it)."""
-    name = getattr(func, "__name__", "operation")
-    doc = inspect.getdoc(func)
-    if not doc:
-        raise ChatTemplateError(f"Cannot generate JSON schema for {name} because it has no docstring!")
-    doc = doc.strip()
-    m = _description_re.search(doc)
-    main_doc = m.group(1).strip() if m else None
-    m = _args_re.search(doc)
-    arg_docs = {}
-    if m:
-        block = "\n".join(line for line in m.group(1).split("\n") if line.strip())
-        arg_docs = {g[1]: re.sub(r"\s*\n+\s*", " ", g[2].strip()) for g in _args_split_re.findall(block)}
-    m = _returns_re.search(doc)
-    return_doc = m.group(1).strip() if m else None
-
-    hints = get_type_hints(func)
-    sig = inspect.signature(func)
-    first = next(iter(sig.parameters), None)
-    implicit = first if first in {"self", "cls"} and sig.parameters[first].annotation == inspect.Parameter.empty else None
-    required = []
-    for pname, param in sig.parameters.items():
-        if pname == implicit:
-            continue
-        if param.annotation == inspect.Parameter.empty:
-            raise ChatTemplateError(f"Argument {pname} is missing a type hint in function {name}")
-        if param.default == inspect.Parameter.empty:
-            required.append(pname)
-    properties = {}
-    for pname, hint in hints.items():
-        if pname == implicit:
-            continue
-        if pname == "return":
-            try:
-                properties[pname] = _hint_schema(hint)
-            except ChatTemplateError:
-                pass  # the model never produces the return value; an odd return hint is not fatal
-        else:
-            properties[pname] = _hint_schema(hint)
-    params = {"type": "object", "properties": properties}
-    if required:
-        params["required"] = required
-
-    return_schema = properties.pop("return", None)
-    if return_schema is not None and return_doc is not None:
-        return_schema["description"] = return_doc
-    for arg, schema in properties.items():
-        if arg not in arg_docs:
-            raise ChatTemplateError(f"Cannot generate JSON schema for {name}: no docstring description for '{arg}'")
-        desc = arg_docs[arg]
-        choices = re.search(r"\(choices:\s*(.*?)\)\s*$", desc, flags=re.IGNORECASE)
-        if choices:
-            schema["enum"] = [c.strip() if isinstance(c, str) else c for c in json.loads(choices.group(1))]
-            desc = choices.string[: choices.start()].strip()
-        schema["description"] = desc
-    out = {"name": name, "description": main_doc, "parameters": params}
-    if return_schema is not None:
-        out["return"] = return_schema
-    return {"type": "function", "function": out}
-
-
-# --------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------
 
@@ -365,12 +300,17 @@ def render_chat_template(
     add_generation_prompt: bool = False,
     continue_final_message: bool | str = False,
     special_tokens: Mapping[str, str] | None = None,
+    time_limit_s: float | None = None,
+    max_output_chars: int | None = None,
     **kwargs,
 ) -> str:
     """Render one conversation; same result as `tokenizer.apply_chat_template(..., tokenize=False)`.
 
     `special_tokens` is the tokenizer's named special tokens (bos_token, eos_token, ...); extra
     kwargs are template variables and override them, as in transformers.
+
+    `time_limit_s` / `max_output_chars` bound the work an untrusted template may do (loops,
+    string repetition, huge output): past them it stops with :class:`TemplateLimitError`.
     """
     if isinstance(messages, (list, tuple)) and len(messages) == 0:
         raise ChatTemplateError("Cannot apply chat template to an empty conversation.")
@@ -384,10 +324,8 @@ def render_chat_template(
         for tool in tools:
             if isinstance(tool, dict):
                 tool_schemas.append(tool)
-            elif inspect.isfunction(tool) or inspect.ismethod(tool):
-                tool_schemas.append(function_to_schema(tool))
-            else:
-                raise ChatTemplateError("Tools should be JSON schema dicts or functions with type hints and docstrings.")
+            else:  # python functions: convert them with transformers.utils.get_json_schema first
+                raise ChatTemplateError("Tools should be JSON schema dicts.")
     if documents is not None and not all(isinstance(d, dict) for d in documents):
         raise ChatTemplateError("Documents should be a list of dicts with 'title' and 'text' keys!")
 
@@ -417,14 +355,22 @@ def render_chat_template(
             for f in fields:
                 chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
 
+    variables = dict(messages=chat, tools=_plain(tool_schemas), documents=_plain(documents),
+                     add_generation_prompt=add_generation_prompt, **context)
     try:
-        rendered = compiled.render(
-            messages=chat,
-            tools=_plain(tool_schemas),
-            documents=_plain(documents),
-            add_generation_prompt=add_generation_prompt,
-            **context,
-        )
+        if time_limit_s is None and max_output_chars is None:
+            rendered = compiled.render(**variables)
+        else:
+            rendered = _render_limited(compiled, variables, time_limit_s, max_output_chars)
+    except TemplateLimitError:
+        raise
+    except RecursionError:
+        raise ChatTemplateError("chat template failed while rendering: recursion too deep "
+                                "(a recursive macro or deeply nested input)") from None
+    except MemoryError:
+        raise TemplateLimitError("chat template failed while rendering: out of memory") from None
+    except OverflowError as e:  # e.g. the sandbox refusing range(10**9)
+        raise TemplateLimitError(f"chat template failed while rendering: {e}") from None
     except jinja2.exceptions.TemplateError as e:
         raise ChatTemplateError(f"chat template error: {e}") from e
     except (TypeError, KeyError, AttributeError, IndexError, ValueError) as e:

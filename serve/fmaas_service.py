@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import TYPE_CHECKING
 
-import grpc
-
+from ..errors import InvalidField, NotFound
 from ..protos import generation_pb2 as gen_pb2
 from ..protos import generation_pb2_grpc as gen_grpc
-from .bridge import Bridge, Call, Prepared, RpcReject, final_fields, invalid, validated
+from .bridge import GenerationFailed, Prepared, final_fields, rpc
 from .sampling import SamplingParams
 from .scheduler import Event, Request
+from .session import ModelSession, Stream
 from .stopping import StopReason
-
-if TYPE_CHECKING:
-    from .server import GraniteServer
+from .validation import rename, validate_params
 
 
 FMAAS_SERVICE = gen_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name  # fmaas.GenerationService
@@ -123,21 +120,27 @@ def accumulate_fmaas(messages: list[gen_pb2.GenerationResponse]) -> gen_pb2.Gene
 # ============================================================================ the servicer
 
 class GenerationServicer(gen_grpc.GenerationServiceServicer):
-    """fmaas.GenerationService."""
+    """fmaas.GenerationService over a :class:`~.session.ModelSession`."""
 
-    def __init__(self, server: GraniteServer):
-        self.s = server
+    def __init__(self, session: ModelSession, include_stop_sequence: bool = True):
+        self.session = session
+        self.include_stop_sequence = include_stop_sequence  # TGIS: a matched stop sequence is in the text
 
-    def _prepare(self, texts: list[str], params: gen_pb2.Parameters, batched: bool) -> Prepared:
-        """Validate the parameters and tokenize the prompts (raises RpcReject)."""
-        self.s.check_ready()
+    def _check_model(self, model_id: str, prefix_id: str) -> None:
+        self.session.check_model(model_id)
+        if prefix_id:
+            raise NotFound(f"prefix_id: no prompt prefix {prefix_id!r} (this server has no prompt-tuning prefixes)")
+
+    async def _prepare(self, texts: list[str], params: gen_pb2.Parameters, batched: bool) -> Prepared:
+        """Validate the parameters and tokenize the prompts (raises InvalidField & co)."""
+        self.session.check_ready()
         method = params.method
         if method not in (gen_pb2.GREEDY, gen_pb2.SAMPLE):
-            raise invalid(f"parameters.method: unknown decoding method {method}")
+            raise InvalidField("parameters.method", f"unknown decoding method {method}")
         sample = method == gen_pb2.SAMPLE
         s, st, r, d = params.sampling, params.stopping, params.response, params.decoding
         if d.HasField("length_penalty") and d.length_penalty.decay_factor not in (0.0, 1.0):
-            raise invalid("parameters.decoding.length_penalty: not supported by this server")
+            raise InvalidField("parameters.decoding.length_penalty", "not supported by this server")
         seed = s.seed if s.HasField("seed") else None
         # fmaas: 0 means "disabled"; sampling fields are checked whatever the method
         sampling = SamplingParams(temperature=s.temperature or 1.0, top_k=s.top_k, top_p=s.top_p or 1.0,
@@ -145,104 +148,90 @@ class GenerationServicer(gen_grpc.GenerationServiceServicer):
                                   seed=seed, logprobs=bool(r.token_logprobs or r.token_ranks),
                                   top_n_tokens=r.top_n_tokens)
         include = (st.include_stop_sequence if st.HasField("include_stop_sequence")
-                   else self.s.config.fmaas_include_stop_sequence)
-        stopping = self.s.stopping_params(st.max_new_tokens, st.min_new_tokens, st.stop_sequences, include,
-                                          st.time_limit_millis, "parameters.stopping.max_new_tokens")
-        sampling, stopping = validated(sampling, stopping, _FMAAS_FIELDS)
+                   else self.include_stop_sequence)
+        stopping = self.session.stopping_params(st.max_new_tokens, st.min_new_tokens, st.stop_sequences, include,
+                                                st.time_limit_millis, "parameters.stopping.max_new_tokens")
+        validate_params(sampling, stopping, _FMAAS_FIELDS)
         if not sample:
             sampling = dataclasses.replace(sampling, temperature=0.0)
         requests = []
         for i, text in enumerate(texts):
             name = f"requests[{i}].text" if batched else "request.text"
-            ids = self.s.encode_prompt(text, name, params.truncate_input_tokens)
+            ids = await self.session.encode_text(text, name, params.truncate_input_tokens)
             requests.append(Request(ids, sampling, stopping))
         return Prepared(requests=requests, texts=list(texts), sample=sample, seed=seed,
                         want_info=bool(r.generated_tokens or r.token_logprobs or r.token_ranks or r.top_n_tokens),
                         logprobs=r.token_logprobs, ranks=r.token_ranks, input_text=r.input_text,
                         input_tokens=r.input_tokens)
 
-    async def Generate(self, request, context):
-        call = Call(self.s, context, "fmaas.GenerationService/Generate")
+    def _submit(self, request: Request, call) -> Stream:
         try:
-            self.s.check_model(request.model_id, request.prefix_id if request.HasField("prefix_id") else "")
-            if not request.requests:
-                raise invalid("requests: is empty (give at least one GenerationRequest)")
-            prepared = self._prepare([r.text for r in request.requests], request.params, batched=True)
-        except RpcReject as exc:
-            return await call.reject(exc)
-        bridges: list[Bridge] = []
-        context.add_done_callback(lambda _ctx: [b.cancel() for b in bridges])
-        with call.guard(lambda: [b.cancel() for b in bridges]):
-            try:
-                for r in prepared.requests:
-                    bridges.append(self.s.submit(r))
-            except RpcReject as exc:
-                for b in bridges:
-                    b.cancel()
-                return await call.reject(exc)
+            stream = self.session.submit(request, params_checked=True)
+        except InvalidField as exc:
+            raise rename(exc, _FMAAS_FIELDS) from None
+        call.watch(stream)
+        return stream
 
-            async def collect(i: int, bridge: Bridge):
-                builder = FmaasStreamBuilder(self.s.tokenizer, prepared, i)
-                msgs = []
-                while builder.final is None:
-                    msgs.extend(builder.messages(await bridge.get()))
-                return accumulate_fmaas(msgs), builder.final
+    @rpc("fmaas.GenerationService/Generate")
+    async def Generate(self, request, context, call):
+        self._check_model(request.model_id, request.prefix_id if request.HasField("prefix_id") else "")
+        if not request.requests:
+            raise InvalidField("requests", "is empty (give at least one GenerationRequest)")
+        prepared = await self._prepare([r.text for r in request.requests], request.params, batched=True)
+        streams = [self._submit(r, call) for r in prepared.requests]  # clean-ups cancel them all
 
-            results = await asyncio.gather(*(collect(i, b) for i, b in enumerate(bridges)))
-            errors = [f.error for _, f in results if f.stop_reason == StopReason.ERROR]
-            if errors:
-                call.end("INTERNAL", error=errors[0], n=len(results))
-                await context.abort(grpc.StatusCode.INTERNAL, f"generation failed: {errors[0]}")
-            call.end("OK", n=len(results), generated_tokens=sum(f.generated_count for _, f in results),
-                     stop_reasons=[f.stop_reason.name for _, f in results])
-            return gen_pb2.BatchedGenerationResponse(responses=[r for r, _ in results])
-
-    async def GenerateStream(self, request, context):
-        call = Call(self.s, context, "fmaas.GenerationService/GenerateStream")
-        try:
-            self.s.check_model(request.model_id, request.prefix_id if request.HasField("prefix_id") else "")
-            prepared = self._prepare([request.request.text], request.params, batched=False)
-            bridge = self.s.submit(prepared.requests[0])
-        except RpcReject as exc:
-            await call.reject(exc)
-            return
-        context.add_done_callback(lambda _ctx: bridge.cancel())
-        builder = FmaasStreamBuilder(self.s.tokenizer, prepared)
-        with call.guard(bridge.cancel, lambda: final_fields(builder.final)):
+        async def collect(i: int, stream: Stream):
+            builder = FmaasStreamBuilder(self.session.tokenizer, prepared, i)
+            msgs = []
             while builder.final is None:
-                for msg in builder.messages(await bridge.get()):
-                    yield msg
+                msgs.extend(builder.messages(await stream.get()))
+            return accumulate_fmaas(msgs), builder.final
 
-    async def Tokenize(self, request, context):
-        call = Call(self.s, context, "fmaas.GenerationService/Tokenize")
-        try:
-            self.s.check_ready()
-            self.s.check_model(request.model_id, "")
-            out = gen_pb2.BatchedTokenizeResponse()
-            n = request.truncate_input_tokens
-            for r in request.requests:
-                ids, offsets = self.s.encode_with_offsets(r.text)
-                if n and len(ids) > n:
-                    ids, offsets = ids[-n:], offsets[-n:]
-                resp = out.responses.add(token_count=len(ids))
-                if request.return_tokens:
-                    resp.tokens.extend(self.s.token_strings(ids))
-                if request.return_offsets:
-                    for a, b in offsets:
-                        resp.offsets.add(start=a, end=b)
-        except RpcReject as exc:
-            return await call.reject(exc)
-        call.end("OK", n=len(request.requests))
+        results = await asyncio.gather(*(collect(i, b) for i, b in enumerate(streams)))
+        call.fields["n"] = len(results)
+        errors = [f.error for _, f in results if f.stop_reason == StopReason.ERROR]
+        if errors:
+            raise GenerationFailed(f"generation failed: {errors[0]}")
+        call.fields.update(generated_tokens=sum(f.generated_count for _, f in results),
+                           stop_reasons=[f.stop_reason.name for _, f in results])
+        return gen_pb2.BatchedGenerationResponse(responses=[r for r, _ in results])
+
+    @rpc("fmaas.GenerationService/GenerateStream")
+    async def GenerateStream(self, request, context, call):
+        self._check_model(request.model_id, request.prefix_id if request.HasField("prefix_id") else "")
+        prepared = await self._prepare([request.request.text], request.params, batched=False)
+        stream = self._submit(prepared.requests[0], call)
+        builder = FmaasStreamBuilder(self.session.tokenizer, prepared)
+        call.fields_from(lambda: final_fields(builder.final))
+        while builder.final is None:
+            for msg in builder.messages(await stream.get()):
+                yield msg
+
+    @rpc("fmaas.GenerationService/Tokenize")
+    async def Tokenize(self, request, context, call):
+        s = self.session
+        s.check_ready()
+        s.check_model(request.model_id)
+        out = gen_pb2.BatchedTokenizeResponse()
+        n = request.truncate_input_tokens
+        for i, r in enumerate(request.requests):
+            ids, offsets = await s.encode_with_offsets(r.text, f"requests[{i}].text")
+            if n and len(ids) > n:
+                ids, offsets = ids[-n:], offsets[-n:]
+            resp = out.responses.add(token_count=len(ids))
+            if request.return_tokens:
+                resp.tokens.extend(s.token_strings(ids))
+            if request.return_offsets:
+                for a, b in offsets:
+                    resp.offsets.add(start=a, end=b)
+        call.fields["n"] = len(request.requests)
         return out
 
-    async def ModelInfo(self, request, context):
-        call = Call(self.s, context, "fmaas.GenerationService/ModelInfo")
-        try:
-            self.s.check_ready()
-            self.s.check_model(request.model_id, "")
-        except RpcReject as exc:
-            return await call.reject(exc)
-        call.end("OK")
+    @rpc("fmaas.GenerationService/ModelInfo")
+    async def ModelInfo(self, request, context, call):
+        s = self.session
+        s.check_ready()
+        s.check_model(request.model_id)
         return gen_pb2.ModelInfoResponse(model_kind=gen_pb2.ModelInfoResponse.DECODER_ONLY,
-                                         max_sequence_length=self.s.context_window,
-                                         max_new_tokens=self.s.max_new_tokens_limit)
+                                         max_sequence_length=s.context_window,
+                                         max_new_tokens=s.max_new_tokens_limit)

@@ -405,8 +405,9 @@ class TokenSampler:
     differs, rebuilds the cache from scratch.
     """
 
-    def __init__(self, params: SamplingParams, vocab_size: int):
-        params.validate()
+    def __init__(self, params: SamplingParams, vocab_size: int, checked: bool = False):
+        if not checked:  # the scheduler validated the request already (serve/validation.py)
+            params.validate()
         if not _is_int(vocab_size) or vocab_size < 1:
             raise ValueError(f"vocab_size: must be an integer >= 1, got {vocab_size!r}")
         self.params = params

@@ -23,21 +23,25 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import errors
 from ..engines.base import Chunk, Engine, EngineError
 from .constraints import ConstraintSpec
 from .detokenizer import IncrementalDetokenizer
 from .sampling import SampledToken, SamplingParams, TokenSampler
 from .stopping import StoppingCriteria, StoppingParams, StopReason, StopSequenceMatcher
+from .validation import validate_request
 
 log = logging.getLogger(__name__)
 
 
-class Overloaded(Exception):
+class Overloaded(errors.Overloaded):
     """The queue is full: the caller should answer RESOURCE_EXHAUSTED."""
 
 
-class ShuttingDown(Exception):
+class ShuttingDown(errors.Unavailable):
     """The scheduler is draining and takes no new requests."""
+
+    reason = "shutting_down"
 
 
 @dataclass(frozen=True)
@@ -63,20 +67,6 @@ class Event:
     queue_time_s: float = 0.0
     time_to_first_token_s: float = 0.0
     error: str = ""
-
-
-def validate_request(request: Request, context_window: int) -> None:
-    """Raise ValueError naming the field for a request the engine cannot run."""
-    n = len(request.prompt_ids)
-    if n == 0:
-        raise ValueError("prompt: is empty (it must encode to at least one token)")
-    if n >= context_window:
-        raise ValueError(
-            f"prompt: {n} tokens does not fit the context window of {context_window} tokens "
-            "(at least one token must remain to generate)"
-        )
-    request.sampling.validate()
-    request.stopping.validate()
 
 
 @dataclass(eq=False)
@@ -156,23 +146,23 @@ class Scheduler:
         self._thread.start()
         return self
 
-    def submit(self, request: Request, sink: Callable[[Event], None]) -> Ticket:
-        """Queue a request; raises ValueError (bad field), Overloaded or ShuttingDown."""
+    def submit(self, request: Request, sink: Callable[[Event], None], params_checked: bool = False) -> Ticket:
+        """Queue a request; raises InvalidField (a ValueError naming the field), Overloaded or
+        ShuttingDown (an Unavailable). ``params_checked``: the front end already ran
+        :func:`~.validation.validate_params` on the request's sampling / stopping parameters."""
         if request.stopping.stop_token_ids:
             stopping = request.stopping
         else:
             stopping = StoppingParams(**{**request.stopping.__dict__, "stop_token_ids": self.stop_token_ids})
             request = dataclasses.replace(request, stopping=stopping)  # keeps every other field
-        validate_request(request, self.context_window)
         vocab = self.engine.info.vocab_size
-        if max(request.prompt_ids) >= vocab or min(request.prompt_ids) < 0:
-            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        validate_request(request, self.context_window, vocab, params_checked=params_checked)
         now = time.monotonic()
         seq = _Sequence(
             seq_id=next(self._ids),
             request=request,
             sink=sink,
-            sampler=TokenSampler(request.sampling, vocab),
+            sampler=TokenSampler(request.sampling, vocab, checked=True),
             criteria=StoppingCriteria(stopping, self.context_window, len(request.prompt_ids), start_time=now),
             detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
             matcher=StopSequenceMatcher(stopping.stop_sequences, stopping.include_stop_sequence),

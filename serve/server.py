@@ -1,18 +1,16 @@
 """The gRPC server: fmaas.GenerationService and granite.v1.ChatService over the Scheduler.
 
-A thin asyncio layer (``grpc.aio``): requests are validated and tokenized on
-the event loop, handed to the :class:`~.scheduler.Scheduler` (one thread that
-owns the engine), and the scheduler's events come back through
-``loop.call_soon_threadsafe``. Nothing here blocks the loop for longer than a
-tokenization or a chat-template render.
+A thin asyncio layer (``grpc.aio``) that only wires: it loads the engine and
+tokenizer, builds the :class:`~.session.ModelSession` (tokenizer, scheduler,
+limits, prompt encoding in a worker pool, submit) that both servicers
+receive, and runs the lifecycle (listen, load, warm-up, drain, stop).
 
 This module holds the configuration, server options / credentials, the
-:class:`GraniteServer` lifecycle (load, warm-up, drain, stop) with the helpers
-both servicers share (readiness, model id, prompt encoding, submit),
-:class:`ServerThread` and the CLI entry. The other parts:
+:class:`GraniteServer` lifecycle, :class:`ServerThread` and the CLI entry. The
+other parts: :mod:`.session` (the protocol-free model session),
 :mod:`.fmaas_service` (fmaas.GenerationService), :mod:`.chat_service`
-(granite.v1.ChatService), :mod:`.bridge` (errors, access logs, scheduler ->
-asyncio event delivery) and :mod:`.auth` (the bearer token).
+(granite.v1.ChatService), :mod:`.bridge` (the ``rpc`` decorator: status
+mapping, access logs, malformed requests) and :mod:`.auth` (the bearer token).
 
 Wire behaviour (see SERVING.md; per service in its module):
 
@@ -49,13 +47,15 @@ from grpc_reflection.v1alpha import reflection
 from ..protos import generation_pb2_grpc as gen_grpc
 from ..protos import granite_chat_pb2_grpc as chat_grpc
 from .auth import HEALTH_SERVICE, BearerTokenInterceptor
-from .bridge import Bridge, JsonLogFormatter, RpcReject, invalid
+from .bridge import JsonLogFormatter, MalformedRequestInterceptor
 from .chat_service import CHAT_SERVICE, ChatServicer
 from .fmaas_service import FMAAS_SERVICE, GenerationServicer
 from .metrics import Metrics, engine_label
 from .sampling import SamplingParams
-from .scheduler import Overloaded, Request, Scheduler, ShuttingDown
+from .scheduler import Request, Scheduler
+from .session import ModelSession
 from .stopping import StoppingParams, StopReason
+from .validation import InputLimits
 
 __all__ = ["GraniteServer", "JsonLogFormatter", "ServerConfig", "ServerThread", "serve_forever"]
 
@@ -85,6 +85,9 @@ class ServerConfig:
     threads: int | None = None
     metrics_port: int | None = None  # None: off; 0: any free port (the CLI's 0 means off)
     metrics_host: str | None = None  # default: the gRPC host
+    # The OpenAI-compatible HTTP API (serve/openai_api.py) on the same session: None: off; 0: any free port
+    http_port: int | None = None
+    http_host: str | None = None  # default: the gRPC host
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_client_ca: str | None = None  # set: mutual TLS (client certificates required)
@@ -102,6 +105,11 @@ class ServerConfig:
     min_client_ping_interval_ms: int = 5_000
     drain_grace_s: float = 30.0
     warmup: bool = True
+    warmup_timeout_s: float = 120.0  # a warm-up generation that takes longer: the engine is unusable
+    # Input limits (None: sized for the context window, see validation.InputLimits.for_context)
+    max_prompt_bytes: int | None = None
+    template_time_s: float | None = None
+    encode_workers: int = 2
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -165,21 +173,37 @@ class GraniteServer:
         self.config = config
         self.engine = engine
         self.tokenizer = tokenizer
+        self.session: ModelSession | None = None
         self.scheduler: Scheduler | None = None
         self.metrics: Metrics | None = None
         self.metrics_port: int | None = None
+        self.http = None  # the OpenAI-compatible HTTP server (openai_api.HttpServer), when http_port is set
+        self.http_port: int | None = None
         self.health = _health_aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port: int | None = None
-        self.ready = False
         self.model_id = config.model_id or Path(config.artifact).resolve().name
         self._model_ids = {self.model_id}
-        self.context_window = 0
-        self.max_new_tokens_limit = 0
-        self._held: set[Bridge] = set()  # bridges holding a token until the step ends (scheduler thread)
         self._stopped = asyncio.Event()
         self._shut_down = False
         self._drain_task: asyncio.Task | None = None
+
+    # --- what the session knows, for callers of the server ------------------------------------
+    @property
+    def ready(self) -> bool:
+        return bool(self.session and self.session.ready)
+
+    @property
+    def context_window(self) -> int:
+        return self.session.context_window if self.session else 0
+
+    @property
+    def max_new_tokens_limit(self) -> int:
+        return self.session.max_new_tokens_limit if self.session else 0
+
+    def _rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected(reason)
 
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> "GraniteServer":
@@ -190,14 +214,19 @@ class GraniteServer:
         interceptors = []
         if cfg.auth_token:
             interceptors.append(BearerTokenInterceptor(cfg.auth_token,
-                                                       on_reject=lambda: self.metrics_rejected("unauthenticated")))
+                                                       on_reject=lambda: self._rejected("unauthenticated")))
+        interceptors.append(MalformedRequestInterceptor(SERVICE_NAMES))
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg))
-        gen_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self), self.server)
-        chat_grpc.add_ChatServiceServicer_to_server(ChatServicer(self), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(SERVICE_NAMES + (HEALTH_SERVICE, reflection.SERVICE_NAME), self.server)
         host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
         address = f"{host}:{cfg.port}"
+        # The session exists before the model is loaded (it refuses with UNAVAILABLE until ready)
+        self.session = ModelSession(None, model_id=self.model_id, workers=cfg.encode_workers)
+        gen_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(self.session, cfg.fmaas_include_stop_sequence), self.server)
+        chat_grpc.add_ChatServiceServicer_to_server(
+            ChatServicer(self.session, cfg.chat_include_stop_sequence), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(SERVICE_NAMES + (HEALTH_SERVICE, reflection.SERVICE_NAME), self.server)
         try:
             port = (self.server.add_secure_port(address, credentials) if credentials
                     else self.server.add_insecure_port(address))
@@ -208,6 +237,8 @@ class GraniteServer:
         self.port = port
         await self.server.start()  # health answers NOT_SERVING while the model loads and warms up
         try:
+            if cfg.http_port is not None:  # /health, /ready answer while the model loads
+                await self._start_http()
             await asyncio.get_running_loop().run_in_executor(None, self._load)
             if cfg.metrics_port is not None:
                 self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host or cfg.host)
@@ -216,12 +247,16 @@ class GraniteServer:
                 await self._warm_up()
         except BaseException:
             await self.server.stop(None)
+            if self.http is not None:
+                await self.http.stop(0)
             if self.scheduler:
                 self.scheduler.shutdown(timeout=5)
             if self.metrics:
                 self.metrics.close()
+            if self.session:
+                self.session.close()
             raise
-        self.ready = True
+        self.session.ready = True
         for name in ("",) + SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d", cfg.artifact, cfg.host, port, extra={"fields": {
@@ -240,22 +275,27 @@ class GraniteServer:
             from ..engines import load_engine
 
             manifest = load_manifest(cfg.artifact)
-            source = (manifest.get("source") or {}).get("model")
+            source = (manifest.get("source") or {}).get("model") if isinstance(manifest, dict) else None
             if isinstance(source, str) and source:
                 self._model_ids.add(source)
             self.engine = load_engine(cfg.artifact, engine=cfg.engine, max_batch=cfg.max_batch,
                                       max_seq_len=cfg.max_seq_len, threads=cfg.threads)
         info = self.engine.info
-        self.context_window = int(info.max_seq_len)
-        limit = cfg.max_new_tokens_limit or min(1024, self.context_window - 1)
+        context_window = int(info.max_seq_len)
+        limit = cfg.max_new_tokens_limit or min(1024, context_window - 1)
         if limit < 1:
             raise ValueError(f"--max-new-tokens-limit: must be >= 1, got {limit}")
-        self.max_new_tokens_limit = min(int(limit), max(1, self.context_window - 1))
-        self.default_max_new_tokens = max(1, min(cfg.default_max_new_tokens, self.max_new_tokens_limit))
+        limit = min(int(limit), max(1, context_window - 1))
         self.metrics = Metrics(engine_label(info))
+        limits = InputLimits.for_context(context_window, max_prompt_bytes=cfg.max_prompt_bytes,
+                                         template_time_s=cfg.template_time_s)
         chunk = cfg.prefill_chunk or (8 if info.device == "cpu" else 256)
         self.scheduler = Scheduler(self.engine, self.tokenizer, max_queue=cfg.max_queue,
-                                   max_running=cfg.max_batch, prefill_chunk=chunk, on_step=self._on_step)
+                                   max_running=cfg.max_batch, prefill_chunk=chunk, on_step=self.session.on_step)
+        self.session.configure(
+            self.tokenizer, self.scheduler, model_ids=self._model_ids, context_window=context_window,
+            max_new_tokens_limit=limit, default_max_new_tokens=max(1, min(cfg.default_max_new_tokens, limit)),
+            metrics=self.metrics, limits=limits, engine_info=info)
 
     def engine_description(self) -> str:
         info = self.engine.info
@@ -265,21 +305,24 @@ class GraniteServer:
         """One real tiny generation through the whole path before reporting SERVING."""
         ids = tuple(self.tokenizer.encode("Hello")) or (0,)
         request = Request(ids, SamplingParams(), StoppingParams(max_new_tokens=2), request_id="warmup")
-        bridge = Bridge(asyncio.get_running_loop(), None, self._held)
-        bridge.ticket = self.scheduler.submit(request, bridge.sink)
-        while not bridge.finished:
-            batch = await bridge.get()
-        final = batch[-1]
+        stream = self.session.submit(request, check_ready=False)
+        final = None
+        while not stream.finished:
+            batch = await stream.get()
+            final = batch[-1]
         if final.stop_reason == StopReason.ERROR:
             raise RuntimeError(f"warm-up generation failed: {final.error}")
 
-    def _on_step(self, counts: dict) -> None:  # scheduler thread
-        if self.metrics:
-            self.metrics.on_step(counts)
-        if self._held:
-            for bridge in list(self._held):
-                bridge.flush()
-            self._held.clear()
+    async def _start_http(self) -> None:
+        from .openai_api import HttpConfig, HttpServer  # FastAPI/uvicorn load only when asked for
+
+        cfg = self.config
+        self.http = HttpServer(self.session, HttpConfig(
+            host=cfg.http_host or cfg.host, port=cfg.http_port, auth_token=cfg.auth_token, tls_cert=cfg.tls_cert,
+            tls_key=cfg.tls_key, tls_client_ca=cfg.tls_client_ca, max_body_bytes=cfg.max_message_bytes,
+            graceful_s=cfg.drain_grace_s))
+        await self.http.start()
+        self.http_port = self.http.port
 
     async def drain(self, grace: float | None = None) -> None:
         """Graceful stop: health NOT_SERVING, refuse new generations, let in-flight ones finish
@@ -291,6 +334,8 @@ class GraniteServer:
     async def _drain(self, grace: float) -> None:
         log.info("draining (grace %.1f s)", grace, extra={"fields": {"event": "draining", "grace_s": grace}})
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.begin_drain()  # /ready 503, new HTTP generations 503
         deadline = time.monotonic() + grace
         if self.scheduler is not None:
             self.scheduler.stop_accepting()
@@ -299,6 +344,8 @@ class GraniteServer:
         if self.server is not None:
             # in-flight handlers only have their last messages left to write
             await self.server.stop(max(0.5, deadline - time.monotonic()))
+        if self.http is not None:
+            await self.http.stop(max(0.5, deadline - time.monotonic()))
         await self._shutdown_rest()
         log.info("stopped", extra={"fields": {"event": "stopped"}})
 
@@ -308,6 +355,8 @@ class GraniteServer:
             self.scheduler.stop_accepting()
         if self.server is not None:
             await self.server.stop(None)
+        if self.http is not None:
+            await self.http.stop(0)
         await self._shutdown_rest()
 
     async def _shutdown_rest(self) -> None:
@@ -316,6 +365,8 @@ class GraniteServer:
         self._shut_down = True
         if self.scheduler is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.scheduler.shutdown, 10.0)
+        if self.session is not None:
+            self.session.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.engine is not None and hasattr(self.engine, "close"):
@@ -324,79 +375,6 @@ class GraniteServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
-
-    # --- helpers for the servicers ---------------------------------------------------------
-    def metrics_rejected(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.rejected(reason)
-
-    def check_ready(self) -> None:
-        if not self.ready:
-            raise RpcReject(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly", "not_ready")
-
-    def check_model(self, model_id: str, prefix_id: str) -> None:
-        if model_id and model_id not in self._model_ids:
-            raise RpcReject(grpc.StatusCode.NOT_FOUND,
-                            f"model_id: {model_id!r} is not served here (this server serves {self.model_id!r})",
-                            "not_found")
-        if prefix_id:
-            raise RpcReject(grpc.StatusCode.NOT_FOUND,
-                            f"prefix_id: no prompt prefix {prefix_id!r} (this server has no prompt-tuning prefixes)",
-                            "not_found")
-
-    def submit(self, request: Request) -> Bridge:
-        self.check_ready()
-        bridge = Bridge(asyncio.get_running_loop(), self.metrics, self._held)
-        try:
-            bridge.ticket = self.scheduler.submit(request, bridge.sink)
-        except Overloaded as exc:
-            raise RpcReject(grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {exc}; retry later",
-                            "overloaded") from None
-        except ShuttingDown as exc:
-            raise RpcReject(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry on another replica", "shutting_down") from None
-        except ValueError as exc:
-            raise invalid(str(exc)) from None
-        return bridge
-
-    def encode_prompt(self, text: str, field_name: str, truncate: int = 0) -> tuple[int, ...]:
-        if not text:
-            raise invalid(f"{field_name}: is empty")
-        ids = self.tokenizer.encode(text)
-        if not ids:
-            raise invalid(f"{field_name}: encodes to no tokens")
-        if truncate and len(ids) > truncate:
-            ids = ids[-truncate:]  # keep the end of the prompt, like TGIS
-        if len(ids) >= self.context_window:
-            hint = "" if truncate else "; shorten it or set parameters.truncate_input_tokens"
-            raise invalid(f"{field_name}: the prompt is {len(ids)} tokens but the context window is "
-                          f"{self.context_window} tokens (at least one token must remain for generation){hint}")
-        return tuple(ids)
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids as the server encodes prompts, with [start, end) character offsets when the
-        tokenizer can tell them ((0, 0) for tokens the tokenizer adds, such as a BOS)."""
-        ids = list(self.tokenizer.encode(text))
-        inner = getattr(self.tokenizer, "_tok", None)  # the `tokenizers` Tokenizer behind GraniteTokenizer
-        if inner is not None:
-            enc = inner.encode(text, add_special_tokens=False)
-            inner_ids, offsets = list(enc.ids), [tuple(o) for o in enc.offsets]
-            for lead in range(len(ids) - len(inner_ids) + 1):  # BOS/EOS the artifact adds around the text
-                if ids[lead:lead + len(inner_ids)] == inner_ids:
-                    tail = len(ids) - lead - len(inner_ids)
-                    return ids, [(0, 0)] * lead + offsets + [(len(text), len(text))] * tail
-        return ids, [(0, 0)] * len(ids)
-
-    def token_strings(self, ids: list[int]) -> list[str]:
-        to_token = getattr(self.tokenizer, "id_to_token", None)
-        return [(to_token(i) if to_token else None) or self.tokenizer.decode([i]) for i in ids]
-
-    def stopping_params(self, max_new: int, min_new: int, stops, include, time_limit_ms: int,
-                        max_field: str) -> StoppingParams:
-        if max_new > self.max_new_tokens_limit:
-            raise invalid(f"{max_field}: must be <= {self.max_new_tokens_limit} (this server's limit), got {max_new}")
-        return StoppingParams(max_new_tokens=max_new or self.default_max_new_tokens, min_new_tokens=min_new,
-                              stop_sequences=tuple(stops), include_stop_sequence=include,
-                              time_limit_s=time_limit_ms / 1000.0 if time_limit_ms else None)
 
 
 # ============================================================================ running in a thread

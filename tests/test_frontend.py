@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from granite_deploy.serve.chat_template import ChatTemplateError, function_to_schema
+from granite_deploy.serve.chat_template import ChatTemplateError
 from granite_deploy.serve.detokenizer import IncrementalDetokenizer
 from granite_deploy.serve.tokenizer import GraniteTokenizer, TokenizerFilesError
 from granite_deploy.serve.tool_calls import ToolCallStreamParser, parse_tool_calls
+from tool_schema import function_to_schema
 
 WEATHER_TOOL = {
     "type": "function",
@@ -169,7 +170,7 @@ def test_python_function_tools_match_transformers(tok, hf_tok):
     assert function_to_schema(_python_tool) == get_json_schema(_python_tool)
     messages = CONVERSATIONS["plain"]
     want = hf_tok.apply_chat_template(messages, tools=[_python_tool], tokenize=False, add_generation_prompt=True)
-    assert tok.render_chat(messages, tools=[_python_tool]) == want
+    assert tok.render_chat(messages, tools=[function_to_schema(_python_tool)]) == want
 
 
 OTHER_TEMPLATES = {

@@ -412,7 +412,8 @@ class TokenSampler:
             raise ValueError(f"vocab_size: must be an integer >= 1, got {vocab_size!r}")
         self.params = params
         self.vocab_size = int(vocab_size)
-        self.seed: int = params.seed if params.seed is not None else secrets.randbits(64)
+        # server-chosen seeds stay below 2**63: clients that read the uint64 as a signed int64 see it intact
+        self.seed: int = params.seed if params.seed is not None else secrets.randbits(63)
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         # repetition-penalty cache
         self._seen_mask: np.ndarray | None = None

@@ -29,6 +29,7 @@ from .constraints import ConstraintSpec
 from .detokenizer import IncrementalDetokenizer
 from .sampling import SampledToken, SamplingParams, TokenSampler
 from .stopping import StoppingCriteria, StoppingParams, StopReason, StopSequenceMatcher
+from .tgis import apply_length_penalty, check_tgis_fields, prompt_token_infos
 from .validation import validate_request
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class Request:
     stopping: StoppingParams = StoppingParams()
     request_id: str = ""
     constraint: ConstraintSpec | None = None
+    adapter: str = ""  # tgis: the adapter artifact that serves it ("" = the base model); routing is the session's
+    prompt_logprobs: bool = False  # tgis: score every prompt token (Event.prompt_tokens on the first token event)
+    length_penalty: tuple[int, float] | None = None  # tgis: (start_index, decay_factor), see serve/tgis.py
 
 
 @dataclass
@@ -67,6 +71,9 @@ class Event:
     queue_time_s: float = 0.0
     time_to_first_token_s: float = 0.0
     error: str = ""
+    # first "token" event of a Request(prompt_logprobs=True): one SampledToken per prompt token
+    # (token 0: logprob NaN, rank 0), from serve/tgis.prompt_token_infos
+    prompt_tokens: list[SampledToken] | None = None
 
 
 @dataclass(eq=False)
@@ -83,6 +90,7 @@ class _Sequence:
     first_token: float = 0.0
     cached: int = 0  # tokens in the engine's cache
     output: list[int] = field(default_factory=list)
+    prompt_infos: list[SampledToken] | None = None  # tgis: prompt-token scores, filled while prefilling
     cancelled: bool = False
     done: bool = False
 
@@ -139,6 +147,7 @@ class Scheduler:
         self._stopped = False
         self._thread: threading.Thread | None = None
         self.stop_token_ids = frozenset(tokenizer.stop_token_ids)
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)  # tgis length penalty boosts this one
 
     # --- public API (any thread) ----------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -157,6 +166,7 @@ class Scheduler:
             request = dataclasses.replace(request, stopping=stopping)  # keeps every other field
         vocab = self.engine.info.vocab_size
         validate_request(request, self.context_window, vocab, params_checked=params_checked)
+        check_tgis_fields(request.length_penalty, request.prompt_logprobs, self.engine)
         now = time.monotonic()
         seq = _Sequence(
             seq_id=next(self._ids),
@@ -269,7 +279,8 @@ class Scheduler:
                 budget -= len(tokens)
             else:
                 tokens = seq.pending(1)
-            chunks.append(Chunk(seq.seq_id, tokens, seq.cached))
+            chunks.append(Chunk(seq.seq_id, tokens, seq.cached,
+                                all_logits=seq.request.prompt_logprobs and seq.prefilling))
             seqs.append(seq)
         try:
             logits = self.engine.step(chunks)
@@ -280,11 +291,28 @@ class Scheduler:
             return
         for seq, chunk, row in zip(seqs, chunks, logits):
             seq.cached += len(chunk.token_ids)
+            if chunk.all_logits and not self._score_prompt(seq, chunk):
+                continue
             if not seq.prefilling:
                 self._advance(seq, row)
 
+    def _score_prompt(self, seq: _Sequence, chunk: Chunk) -> bool:
+        """tgis: turn this prefill chunk's all-position logits into prompt-token scores."""
+        rows = getattr(self.engine, "chunk_logits", {}).get(seq.seq_id)
+        have = len(seq.prompt_infos or ())
+        if rows is None or have != (chunk.start + 1 if chunk.start else 0):
+            # an engine without Chunk.all_logits, or prompt positions that were not computed here
+            self._finish(seq, StopReason.ERROR, error="prompt-token logprobs are not available for this request")
+            return False
+        infos = prompt_token_infos(rows, seq.request.prompt_ids, chunk.start, seq.request.sampling.top_n_tokens)
+        seq.prompt_infos = (seq.prompt_infos or []) + infos
+        return True
+
     def _advance(self, seq: _Sequence, logits) -> None:
         n = len(seq.output)
+        lp = seq.request.length_penalty
+        if lp is not None and n >= seq.request.stopping.min_new_tokens:  # TGIS: not while EOS is suppressed
+            logits = apply_length_penalty(logits, n, lp[0], lp[1], self.eos_token_id)
         sampled = seq.sampler.sample(
             logits,
             list(seq.request.prompt_ids) + seq.output if seq.request.sampling.repetition_penalty_active else None,
@@ -304,7 +332,9 @@ class Scheduler:
         elif reason != StopReason.NOT_FINISHED:
             text += seq.matcher.flush()
         token_text = self.tokenizer.decode([sampled.token_id]) if seq.request.sampling.logprobs else ""
-        seq.sink(Event("token", text=text, token=sampled, token_text=token_text, generated_count=n + 1))
+        prompt_tokens, seq.prompt_infos = (seq.prompt_infos, None) if n == 0 else (None, seq.prompt_infos)
+        seq.sink(Event("token", text=text, token=sampled, token_text=token_text, generated_count=n + 1,
+                       prompt_tokens=prompt_tokens))
         if reason != StopReason.NOT_FINISHED:
             self._finish(seq, reason, stop_sequence=matched or "")
 

@@ -43,12 +43,6 @@ __all__ = [
     "SampledToken",
     "SamplingParams",
     "TokenSampler",
-    "apply_repetition_penalty",
-    "apply_temperature",
-    "suppress_tokens",
-    "top_k_filter",
-    "top_p_filter",
-    "typical_p_filter",
 ]
 
 MAX_TOP_N_TOKENS = 5
@@ -143,7 +137,8 @@ class SampledToken:
 
 
 # --------------------------------------------------------------------------- #
-# Stateless logits processors (full-vocab in, full-vocab out).
+# Token-id helpers. (Full-vocab reference filters over the same kernels live in
+# tests/sampling_filters.py: production samples through TokenSampler only.)
 # --------------------------------------------------------------------------- #
 
 
@@ -160,74 +155,9 @@ def _ids_array(ids: Iterable[int] | np.ndarray, vocab_size: int) -> np.ndarray:
     return arr
 
 
-def suppress_tokens(logits: np.ndarray, ids: Iterable[int], *, inplace: bool = False) -> np.ndarray:
-    """Set ``logits[ids] = -inf`` (e.g. stop tokens before ``min_new_tokens``).
-
-    Returns a float32 copy unless ``inplace``; ids outside the vocabulary are ignored.
-    """
-    out = logits if inplace else np.array(logits, dtype=np.float32, copy=True)
-    idx = _ids_array(ids, out.shape[-1])
-    if idx.size:
-        out[..., idx] = -np.inf
-    return out
-
-
-def apply_repetition_penalty(
-    logits: np.ndarray, context_token_ids: Iterable[int], penalty: float
-) -> np.ndarray:
-    """HF ``RepetitionPenaltyLogitsProcessor``: over every token id seen in the
-    context, positive logits are divided by ``penalty`` and negative ones
-    multiplied. Returns a float32 copy; ``penalty`` 0 or 1 is a no-op."""
-    out = np.array(logits, dtype=np.float32, copy=True)
-    if penalty in (0, 1):
-        return out
-    idx = _ids_array(context_token_ids, out.shape[-1])
-    if idx.size:
-        _penalise(out, idx, penalty)
-    return out
-
-
 def _penalise(out: np.ndarray, idx: np.ndarray, penalty: float) -> None:
     sel = out[idx]
     out[idx] = np.where(sel < 0, sel * np.float32(penalty), sel / np.float32(penalty))
-
-
-def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """``logits / temperature`` in float64 (temperature must be > 0)."""
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be > 0 to scale logits, got {temperature!r}")
-    out = np.asarray(logits, dtype=np.float64)
-    return out / temperature if temperature != 1 else out.copy()
-
-
-def _mask_outside(logits: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    out = np.full(logits.shape, -np.inf, dtype=logits.dtype)
-    out[keep] = logits[keep]
-    return out
-
-
-def top_k_filter(logits: np.ndarray, top_k: int) -> np.ndarray:
-    """HF ``TopKLogitsWarper``: -inf for every logit below the k-th largest (ties kept)."""
-    x = np.asarray(logits)
-    if top_k <= 0 or top_k >= x.shape[-1]:
-        return x.copy()
-    return _mask_outside(x, _top_k_keep(x, top_k))
-
-
-def top_p_filter(logits: np.ndarray, top_p: float) -> np.ndarray:
-    """HF ``TopPLogitsWarper``: keep the smallest most-likely set whose mass reaches ``top_p``."""
-    x = np.asarray(logits)
-    if not 0 < top_p < 1:
-        return x.copy()
-    return _mask_outside(x, _top_p_keep(x, top_p))
-
-
-def typical_p_filter(logits: np.ndarray, typical_p: float) -> np.ndarray:
-    """HF ``TypicalLogitsWarper`` (locally typical sampling, mass ``typical_p``)."""
-    x = np.asarray(logits)
-    if not 0 < typical_p < 1:
-        return x.copy()
-    return _mask_outside(x, _typical_keep(x, typical_p))
 
 
 # --------------------------------------------------------------------------- #
@@ -459,12 +389,16 @@ class TokenSampler:
         context_token_ids: Sequence[int] | np.ndarray | None = None,
         *,
         suppress_token_ids: Iterable[int] | None = None,
+        allowed: np.ndarray | None = None,
     ) -> SampledToken:
         """Pick the next token from one sequence's ``[vocab]`` logits.
 
-        ``suppress_token_ids`` (e.g. ``StoppingCriteria.suppressed_token_ids(n)``
-        before ``min_new_tokens``) are set to -inf first; the "raw"
-        distribution reported for greedy is the one after this mask.
+        ``allowed`` (bool ``[vocab]``, a constraint's token mask) sets every token
+        it does not allow to -inf; ``suppress_token_ids`` (e.g.
+        ``StoppingCriteria.suppressed_token_ids(n)`` before ``min_new_tokens``) are
+        set to -inf next, unless that would leave no allowed token (the
+        constraint wins: a finished grammar may allow only EOS). The "raw"
+        distribution reported for greedy is the one after these masks.
         """
         p = self.params
         x = np.asarray(logits)
@@ -474,8 +408,19 @@ class TokenSampler:
         if x.dtype != np.float32:
             np.copyto(raw_buf, x, casting="unsafe")
             x = raw_buf
+        if allowed is not None:
+            if allowed.shape != (self.vocab_size,):
+                raise ValueError(f"allowed: expected shape ({self.vocab_size},), got {allowed.shape}")
+            if x is not raw_buf:
+                np.copyto(raw_buf, x)
+                x = raw_buf
+            np.logical_not(allowed, out=mask)
+            np.copyto(x, np.float32(-np.inf), where=mask)
         if suppress_token_ids is not None:
             sup = _ids_array(suppress_token_ids, self.vocab_size)
+            if sup.size and allowed is not None:
+                keep_some = np.count_nonzero(allowed) > np.count_nonzero(allowed[sup])
+                sup = sup if keep_some else sup[:0]
             if sup.size:
                 if x is not raw_buf:
                     np.copyto(raw_buf, x)

@@ -36,7 +36,7 @@ __all__ = [
 
 
 class StopReason(enum.IntEnum):
-    """Why a sequence finished (values match ``fmaas.StopReason``)."""
+    """Why a sequence finished (values 0-7 match ``fmaas.StopReason``)."""
 
     NOT_FINISHED = 0
     MAX_TOKENS = 1
@@ -46,6 +46,10 @@ class StopReason(enum.IntEnum):
     STOP_SEQUENCE = 5
     TOKEN_LIMIT = 6
     ERROR = 7
+    # the output constraint (serve/constraints.py) was not complete when max_new_tokens or the
+    # context window ran out: the text is a valid prefix, not a valid whole (granite-deploy's own;
+    # fmaas has no such value and reports MAX_TOKENS, OpenAI "length")
+    CONSTRAINT_UNMET = 8
 
 
 def _is_int(v: object) -> bool:

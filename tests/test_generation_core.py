@@ -11,10 +11,8 @@ import random
 import numpy as np
 import pytest
 
-from granite_deploy.serve.sampling import (
-    SampledToken,
-    SamplingParams,
-    TokenSampler,
+from granite_deploy.serve.sampling import SampledToken, SamplingParams, TokenSampler
+from sampling_filters import (
     apply_repetition_penalty,
     apply_temperature,
     suppress_tokens,
@@ -22,6 +20,7 @@ from granite_deploy.serve.sampling import (
     top_p_filter,
     typical_p_filter,
 )
+
 from granite_deploy.serve.stopping import (
     StoppingCriteria,
     StoppingParams,

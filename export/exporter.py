@@ -95,13 +95,19 @@ def export(
     decode_steps: int | None = None,
     revision: str | None = None,
     validation_runtime: str = "auto",
+    adapter: str | Path | None = None,
 ) -> Path:
     """Export a Granite checkpoint to an artifact folder; returns its path.
 
     decode_steps None: 16 for fp32, 32 for fp16/bf16. validation_runtime: "auto" (ONNX Runtime CPU when it
     runs the graph, else the ONNX reference evaluator), "onnxruntime" or "reference".
+    adapter: a PEFT LoRA adapter folder merged into the weights first (export/adapter.py).
     """
     check_options(dtype, opset, decode_steps)
+    if adapter is not None:  # a bad --adapter fails before the model loads
+        from .adapter import read_adapter_config
+
+        read_adapter_config(adapter)
     if decode_steps is None:
         decode_steps = DEFAULT_DECODE_STEPS[dtype]
     weight_dtype = WEIGHT_DTYPES[dtype]
@@ -125,6 +131,11 @@ def export(
                 transformers.utils.logging.set_verbosity_error()
 
             torch_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            adapter_source = None
+            if adapter is not None:  # tgis: merge the LoRA adapter; everything below sees the merged model
+                from .adapter import merge_adapter
+
+                torch_model, adapter_source = merge_adapter(torch_model, adapter)
             state = torch_model.state_dict()
 
         def get_weight(name: str):
@@ -204,6 +215,7 @@ def export(
             "created_unix": int(started),
             "source": {
                 **source,
+                **({"adapter": adapter_source} if adapter_source else {}),
                 "model": model,
                 "config_sha256": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
                 "architectures": config.get("architectures"),

@@ -61,7 +61,8 @@ def build_parameters(**params) -> gen_pb2.Parameters:
         raise ValueError(f"decoding_method: must be 'greedy' or 'sample', got {method!r}")
     p = gen_pb2.Parameters(method=gen_pb2.SAMPLE if sample else gen_pb2.GREEDY)
     s = p.sampling
-    s.temperature = temperature
+    if temperature:  # optional field (vllm-tgis-adapter): an explicit 0.0 would mean greedy
+        s.temperature = temperature
     s.top_k = int(params.get("top_k") or 0)
     s.top_p = float(params.get("top_p") or 0.0)
     s.typical_p = float(params.get("typical_p") or 0.0)

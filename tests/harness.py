@@ -8,9 +8,9 @@ from granite_deploy.serve.generate import stream
 from granite_deploy.serve.scheduler import Scheduler
 
 
-def run_concurrently(engine, tokenizer, requests, prefill_chunk=256):
+def run_concurrently(engine, tokenizer, requests, prefill_chunk=256, prefix_cache=None):
     """One thread per request over one scheduler; per request (token ids, text, final event)."""
-    scheduler = Scheduler(engine, tokenizer, prefill_chunk=prefill_chunk).start()
+    scheduler = Scheduler(engine, tokenizer, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache).start()
     results = [None] * len(requests)
 
     def go(i):

@@ -314,6 +314,8 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
         body = await _read_json(http, cfg.max_body_bytes)
         r = p.parse_request(body, model_cls)
         session.check_model(r.model or "", "model")
+        if app.state.draining:
+            raise Unavailable("the server is draining")
         session.check_ready()
         return r
 
@@ -546,6 +548,8 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
     @app.get("/ready")
     async def ready():
         try:
+            if app.state.draining:
+                raise Unavailable("the server is draining")
             session.check_ready()
         except Exception as exc:  # noqa: BLE001
             return JSONResponse({"status": "not_ready", "reason": str(exc)}, status_code=503)
@@ -560,6 +564,7 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
         return Response(generate_latest(session.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.state.session = session
+    app.state.draining = False
     return app
 
 
@@ -675,6 +680,10 @@ class HttpServer:
                  extra={"fields": {"event": "http_serving", "port": self.port, "tls": bool(tls)}})
         return self
 
+    def begin_drain(self) -> None:
+        """Refuse new generations (503) and answer /ready 503; in-flight ones go on."""
+        self.app.state.draining = True
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight responses finish (up to `grace` s, default the config's), close."""
         if self._server is None or self._task is None:
@@ -691,3 +700,6 @@ class HttpServer:
         except Exception:  # noqa: BLE001 - already stopping
             log.exception("HTTP server failed while stopping")
         self._server = None
+        for task in asyncio.all_tasks():  # sse-starlette's per-loop shutdown poller: nothing left to watch
+            if getattr(task.get_coro(), "__qualname__", "") == "_shutdown_watcher":
+                task.cancel()

@@ -17,6 +17,7 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_SEQUENCE: _ClassVar[StopReason]
     TOKEN_LIMIT: _ClassVar[StopReason]
     ERROR: _ClassVar[StopReason]
+    CONSTRAINT_UNMET: _ClassVar[StopReason]
 NOT_FINISHED: StopReason
 MAX_TOKENS: StopReason
 EOS_TOKEN: StopReason
@@ -25,9 +26,10 @@ TIME_LIMIT: StopReason
 STOP_SEQUENCE: StopReason
 TOKEN_LIMIT: StopReason
 ERROR: StopReason
+CONSTRAINT_UNMET: StopReason
 
 class ChatRequest(_message.Message):
-    __slots__ = ("model_id", "conversation", "fim", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "seed", "max_new_tokens", "min_new_tokens", "stop_sequences", "include_stop_sequence", "time_limit_millis", "logprobs", "top_n_tokens")
+    __slots__ = ("model_id", "conversation", "fim", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "seed", "max_new_tokens", "min_new_tokens", "stop_sequences", "include_stop_sequence", "time_limit_millis", "logprobs", "top_n_tokens", "response_format", "tool_choice")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     FIM_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +46,8 @@ class ChatRequest(_message.Message):
     TIME_LIMIT_MILLIS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     conversation: Conversation
     fim: FillInTheMiddle
@@ -60,7 +64,58 @@ class ChatRequest(_message.Message):
     time_limit_millis: int
     logprobs: bool
     top_n_tokens: int
-    def __init__(self, model_id: _Optional[str] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., fim: _Optional[_Union[FillInTheMiddle, _Mapping]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., include_stop_sequence: _Optional[bool] = ..., time_limit_millis: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_n_tokens: _Optional[int] = ...) -> None: ...
+    response_format: ResponseFormat
+    tool_choice: ToolChoice
+    def __init__(self, model_id: _Optional[str] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., fim: _Optional[_Union[FillInTheMiddle, _Mapping]] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., typical_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., include_stop_sequence: _Optional[bool] = ..., time_limit_millis: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_n_tokens: _Optional[int] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ...) -> None: ...
+
+class ResponseFormat(_message.Message):
+    __slots__ = ("json_object", "json_schema", "regex", "choice", "grammar")
+    class JsonObject(_message.Message):
+        __slots__ = ()
+        def __init__(self) -> None: ...
+    class JsonSchema(_message.Message):
+        __slots__ = ("name", "description", "schema_json", "strict")
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+        SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+        STRICT_FIELD_NUMBER: _ClassVar[int]
+        name: str
+        description: str
+        schema_json: str
+        strict: bool
+        def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., schema_json: _Optional[str] = ..., strict: _Optional[bool] = ...) -> None: ...
+    class Choice(_message.Message):
+        __slots__ = ("choices",)
+        CHOICES_FIELD_NUMBER: _ClassVar[int]
+        choices: _containers.RepeatedScalarFieldContainer[str]
+        def __init__(self, choices: _Optional[_Iterable[str]] = ...) -> None: ...
+    JSON_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    json_object: ResponseFormat.JsonObject
+    json_schema: ResponseFormat.JsonSchema
+    regex: str
+    choice: ResponseFormat.Choice
+    grammar: str
+    def __init__(self, json_object: _Optional[_Union[ResponseFormat.JsonObject, _Mapping]] = ..., json_schema: _Optional[_Union[ResponseFormat.JsonSchema, _Mapping]] = ..., regex: _Optional[str] = ..., choice: _Optional[_Union[ResponseFormat.Choice, _Mapping]] = ..., grammar: _Optional[str] = ...) -> None: ...
+
+class ToolChoice(_message.Message):
+    __slots__ = ("mode", "function_name")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        AUTO: _ClassVar[ToolChoice.Mode]
+        NONE: _ClassVar[ToolChoice.Mode]
+        REQUIRED: _ClassVar[ToolChoice.Mode]
+    AUTO: ToolChoice.Mode
+    NONE: ToolChoice.Mode
+    REQUIRED: ToolChoice.Mode
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_NAME_FIELD_NUMBER: _ClassVar[int]
+    mode: ToolChoice.Mode
+    function_name: str
+    def __init__(self, mode: _Optional[_Union[ToolChoice.Mode, str]] = ..., function_name: _Optional[str] = ...) -> None: ...
 
 class Conversation(_message.Message):
     __slots__ = ("messages", "tools", "documents")
@@ -183,20 +238,22 @@ class ChatEvent(_message.Message):
         tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
         def __init__(self, text: _Optional[str] = ..., tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
     class Final(_message.Message):
-        __slots__ = ("stop_reason", "stop_sequence", "prompt_token_count", "completion_token_count", "queue_time_ms", "time_to_first_token_ms")
+        __slots__ = ("stop_reason", "stop_sequence", "prompt_token_count", "completion_token_count", "queue_time_ms", "time_to_first_token_ms", "cached_prompt_tokens")
         STOP_REASON_FIELD_NUMBER: _ClassVar[int]
         STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
         PROMPT_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
         COMPLETION_TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
         QUEUE_TIME_MS_FIELD_NUMBER: _ClassVar[int]
         TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+        CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
         stop_reason: StopReason
         stop_sequence: str
         prompt_token_count: int
         completion_token_count: int
         queue_time_ms: float
         time_to_first_token_ms: float
-        def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., stop_sequence: _Optional[str] = ..., prompt_token_count: _Optional[int] = ..., completion_token_count: _Optional[int] = ..., queue_time_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ...) -> None: ...
+        cached_prompt_tokens: int
+        def __init__(self, stop_reason: _Optional[_Union[StopReason, str]] = ..., stop_sequence: _Optional[str] = ..., prompt_token_count: _Optional[int] = ..., completion_token_count: _Optional[int] = ..., queue_time_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
     START_FIELD_NUMBER: _ClassVar[int]
     TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
     TOOL_CALL_FIELD_NUMBER: _ClassVar[int]

@@ -218,7 +218,7 @@ def _tool_call_lark(spec: ConstraintSpec, gt: GrammarTokenizer) -> str:
         chosen = [(n, p) for n, p in functions if n == spec.tool_name]
         if not chosen:
             names = ", ".join(repr(n) for n, _ in functions)
-            raise _bad(spec, f"{spec.tool_name!r} is not one of the given tools ({names})", "tool_name")
+            raise _bad(spec, f"calls {spec.tool_name!r}, which is not one of the given tools ({names})")
         functions = chosen[:1]
     variants = [{
         "type": "object",
@@ -420,3 +420,85 @@ class MaskFiller:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
+
+
+# ============================================================================ OpenAI-shaped requests
+
+def strict_schema(schema_text: str, field: str = "") -> str:
+    """OpenAI's ``strict: true``: the schema with every open object schema closed
+    (``additionalProperties: false``); the text unchanged when it is not a JSON object."""
+    try:
+        schema = json.loads(schema_text)
+    except (TypeError, ValueError):
+        return schema_text  # compile_constraint reports it, with the field
+    return json.dumps(_closed(schema)) if isinstance(schema, dict) else schema_text
+
+
+def openai_constraint(response_format=None, tool_choice=None, tools=None, *,
+                      field_prefix: str = "") -> ConstraintSpec | None:
+    """The ConstraintSpec for OpenAI-shaped ``response_format`` / ``tool_choice`` (None: free text).
+
+    ``response_format``: ``{"type": "text" | "json_object"}``,
+    ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``, or the extensions
+    ``{"type": "regex", "regex": ...}``, ``{"type": "choice", "choices": [...]}``,
+    ``{"type": "grammar", "grammar": ...}``. ``tool_choice``: ``None`` / ``"auto"``, ``"none"``,
+    ``"required"`` or ``{"type": "function", "function": {"name": ...}}``; ``tools`` the
+    request's OpenAI tool list. Errors name ``field_prefix + "response_format..."`` /
+    ``"tool_choice..."``.
+    """
+    rf_field, tc_field = f"{field_prefix}response_format", f"{field_prefix}tool_choice"
+    tools = tuple(tools or ())
+    forced: ConstraintSpec | None = None
+    forbid = False
+    if tool_choice is None or tool_choice == "auto":
+        pass
+    elif tool_choice == "none":
+        forbid = bool(tools)
+    elif tool_choice == "required" or isinstance(tool_choice, dict):
+        name = None
+        if isinstance(tool_choice, dict):
+            fn = tool_choice.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if tool_choice.get("type", "function") != "function" or not isinstance(name, str) or not name:
+                raise InvalidField(tc_field, 'a named choice is {"type": "function", "function": {"name": ...}}')
+        if not tools:
+            raise InvalidField(tc_field, "forces a tool call but the request has no tools")
+        forced = ConstraintSpec("tool_call", tools=tools, tool_name=name, field=tc_field)
+    else:
+        raise InvalidField(tc_field, f'must be "auto", "none", "required" or a named function, got {tool_choice!r}')
+
+    spec = None
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise InvalidField(rf_field, "must be an object with a type")
+        kind = response_format.get("type", "text")
+        if kind == "text":
+            spec = None
+        elif kind == "json_object":
+            spec = ConstraintSpec("json", field=rf_field)
+        elif kind == "json_schema":
+            js = response_format.get("json_schema")
+            if not isinstance(js, dict) or "schema" not in js:
+                raise InvalidField(f"{rf_field}.json_schema", "must be an object with a schema")
+            schema = js["schema"]
+            text = schema if isinstance(schema, str) else json.dumps(schema)
+            if js.get("strict"):
+                text = strict_schema(text)
+            spec = ConstraintSpec("json_schema", text, field=f"{rf_field}.json_schema.schema")
+        elif kind in ("regex", "grammar"):
+            spec = ConstraintSpec(kind, response_format.get(kind), field=f"{rf_field}.{kind}")
+        elif kind == "choice":
+            choices = response_format.get("choices")
+            if not isinstance(choices, (list, tuple)):
+                raise InvalidField(f"{rf_field}.choices", "must be a list of strings")
+            spec = ConstraintSpec("choice", choices=tuple(choices), field=f"{rf_field}.choices")
+        else:
+            raise InvalidField(f"{rf_field}.type", "must be one of text, json_object, json_schema, regex, "
+                               f"choice, grammar; got {kind!r}")
+    if forced is not None:
+        if spec is not None:
+            raise InvalidField(rf_field, "cannot be combined with a tool_choice that forces a tool call")
+        return forced
+    if spec is None and forbid:
+        return ConstraintSpec("no_tool_call", field=tc_field)
+    return spec

@@ -32,6 +32,7 @@ __all__ = [
     "StoppingCriteria",
     "StoppingParams",
     "find_stop_sequence",
+    "fmaas_stop_reason",
 ]
 
 
@@ -50,6 +51,11 @@ class StopReason(enum.IntEnum):
     # context window ran out: the text is a valid prefix, not a valid whole (granite-deploy's own;
     # fmaas has no such value and reports MAX_TOKENS, OpenAI "length")
     CONSTRAINT_UNMET = 8
+
+
+def fmaas_stop_reason(reason: StopReason) -> StopReason:
+    """The reason as fmaas.StopReason can say it (CONSTRAINT_UNMET -> MAX_TOKENS)."""
+    return StopReason.MAX_TOKENS if reason == StopReason.CONSTRAINT_UNMET else reason
 
 
 def _is_int(v: object) -> bool:

@@ -27,6 +27,7 @@ from granite_deploy.serve.stopping import (
     StopReason,
     StopSequenceMatcher,
     find_stop_sequence,
+    fmaas_stop_reason,
 )
 
 # chi-square critical values at p = 0.001, by degrees of freedom
@@ -559,10 +560,15 @@ def test_sampling_params_valid_edges():
 def test_stop_reason_values_match_proto():
     assert [(r.name, int(r)) for r in StopReason] == [
         ("NOT_FINISHED", 0), ("MAX_TOKENS", 1), ("EOS_TOKEN", 2), ("CANCELLED", 3),
-        ("TIME_LIMIT", 4), ("STOP_SEQUENCE", 5), ("TOKEN_LIMIT", 6), ("ERROR", 7),
+        ("TIME_LIMIT", 4), ("STOP_SEQUENCE", 5), ("TOKEN_LIMIT", 6), ("ERROR", 7), ("CONSTRAINT_UNMET", 8),
     ]
     pb = pytest.importorskip("granite_deploy.protos.generation_pb2")
-    assert {r.name: int(r) for r in StopReason} == dict(pb.StopReason.items())
+    # fmaas has no CONSTRAINT_UNMET: fmaas_stop_reason reports it as MAX_TOKENS there
+    assert {r.name: int(r) for r in StopReason if r != StopReason.CONSTRAINT_UNMET} == dict(pb.StopReason.items())
+    assert {int(fmaas_stop_reason(r)) for r in StopReason} <= set(dict(pb.StopReason.items()).values())
+    assert fmaas_stop_reason(StopReason.CONSTRAINT_UNMET) == StopReason.MAX_TOKENS
+    chat = pytest.importorskip("granite_deploy.protos.granite_chat_pb2")
+    assert {r.name: int(r) for r in StopReason} == dict(chat.StopReason.items())
 
 
 def _stream(matcher: StopSequenceMatcher, deltas) -> tuple[str, str | None, list[str]]:

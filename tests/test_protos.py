@@ -233,6 +233,30 @@ GRANITE_FIELDS = {
         ("time_limit_millis", 24, "uint64", ""),
         ("logprobs", 30, "bool", ""),
         ("top_n_tokens", 31, "uint32", ""),
+        ("response_format", 40, "granite.v1.ResponseFormat", ""),
+        ("tool_choice", 41, "granite.v1.ToolChoice", ""),
+    ],
+    # structured output (serve/constraints.py)
+    "granite.v1.ResponseFormat": [
+        ("json_object", 1, "granite.v1.ResponseFormat.JsonObject", "oneof format"),
+        ("json_schema", 2, "granite.v1.ResponseFormat.JsonSchema", "oneof format"),
+        ("regex", 3, "string", "oneof format"),
+        ("choice", 4, "granite.v1.ResponseFormat.Choice", "oneof format"),
+        ("grammar", 5, "string", "oneof format"),
+    ],
+    "granite.v1.ResponseFormat.JsonObject": [],
+    "granite.v1.ResponseFormat.JsonSchema": [
+        ("name", 1, "string", ""),
+        ("description", 2, "string", ""),
+        ("schema_json", 3, "string", ""),
+        ("strict", 4, "bool", ""),
+    ],
+    "granite.v1.ResponseFormat.Choice": [
+        ("choices", 1, "string", "repeated"),
+    ],
+    "granite.v1.ToolChoice": [
+        ("mode", 1, "granite.v1.ToolChoice.Mode", ""),
+        ("function_name", 2, "string", ""),
     ],
     "granite.v1.Conversation": [
         ("messages", 1, "granite.v1.ChatMessage", "repeated"),
@@ -304,6 +328,7 @@ GRANITE_FIELDS = {
         ("completion_token_count", 4, "uint32", ""),
         ("queue_time_ms", 5, "double", ""),
         ("time_to_first_token_ms", 6, "double", ""),
+        ("cached_prompt_tokens", 7, "uint32", ""),
     ],
     "granite.v1.ChatResponse": [
         ("content", 1, "string", ""),
@@ -346,7 +371,11 @@ GRANITE_FIELDS = {
     ],
 }
 
-GRANITE_ENUMS = {"granite.v1.StopReason": FMAAS_ENUMS["fmaas.StopReason"]}
+GRANITE_ENUMS = {
+    # granite.v1 adds CONSTRAINT_UNMET (structured output) to fmaas's reasons
+    "granite.v1.StopReason": {**FMAAS_ENUMS["fmaas.StopReason"], "CONSTRAINT_UNMET": 8},
+    "granite.v1.ToolChoice.Mode": {"AUTO": 0, "NONE": 1, "REQUIRED": 2},
+}
 
 _SCALARS = {
     getattr(descriptor_pb2.FieldDescriptorProto, "TYPE_" + name.upper()): name

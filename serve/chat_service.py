@@ -16,6 +16,7 @@ from ..errors import InvalidField
 from ..protos import granite_chat_pb2 as chat_pb2
 from ..protos import granite_chat_pb2_grpc as chat_grpc
 from .bridge import GenerationFailed, Prepared, final_fields, rpc
+from .constraints import ConstraintSpec, openai_constraint
 from .sampling import SamplingParams
 from .scheduler import Event, Request
 from .session import ModelSession
@@ -88,6 +89,36 @@ def _conversation_dicts(conv: chat_pb2.Conversation, limits: InputLimits | None 
 async def _encode_conversation(session: ModelSession, conv: chat_pb2.Conversation) -> tuple[str, tuple[int, ...]]:
     messages, tools, documents = _conversation_dicts(conv, session.limits)
     return await session.encode_chat(messages, tools=tools, documents=documents, field="conversation.messages")
+
+
+def _chat_constraint(request: chat_pb2.ChatRequest, tools: list[dict] | None) -> ConstraintSpec | None:
+    """response_format / tool_choice -> the ConstraintSpec the scheduler applies (structured output)."""
+    rf = None
+    which = request.response_format.WhichOneof("format") if request.HasField("response_format") else None
+    if which == "json_object":
+        rf = {"type": "json_object"}
+    elif which == "json_schema":
+        js = request.response_format.json_schema
+        rf = {"type": "json_schema", "json_schema": {"name": js.name, "schema": js.schema_json, "strict": js.strict}}
+    elif which == "choice":
+        rf = {"type": "choice", "choices": list(request.response_format.choice.choices)}
+    elif which in ("regex", "grammar"):
+        rf = {"type": which, which: getattr(request.response_format, which)}
+    tc = None
+    if request.HasField("tool_choice"):
+        mode, name = request.tool_choice.mode, request.tool_choice.function_name
+        if name:
+            if mode == chat_pb2.ToolChoice.NONE:
+                raise InvalidField("tool_choice.function_name", "cannot be set with mode NONE")
+            tc = {"type": "function", "function": {"name": name}}
+        else:
+            tc = {chat_pb2.ToolChoice.NONE: "none", chat_pb2.ToolChoice.REQUIRED: "required"}.get(mode, "auto")
+    spec = openai_constraint(rf, tc, tools)
+    if spec is not None:  # error messages name this API's fields
+        field = {"response_format.json_schema.schema": "response_format.json_schema.schema_json"}.get(spec.field)
+        if field:
+            spec = ConstraintSpec(spec.kind, spec.value, spec.choices, spec.tools, spec.tool_name, field)
+    return spec
 
 
 # ============================================================================ event building
@@ -219,6 +250,8 @@ class ChatServicer(chat_grpc.ChatServiceServicer):
                                      include, request.time_limit_millis, "max_new_tokens")
         # parameters first: a bad field is refused before any rendering or tokenising
         validate_params(sampling, stopping, _CHAT_FIELDS)
+        tools = _conversation_dicts(request.conversation, s.limits)[1] if which == "conversation" else None
+        constraint = _chat_constraint(request, tools)  # structured output; compiled at submit
         if which == "conversation":
             text, ids = await _encode_conversation(s, request.conversation)
         else:
@@ -231,8 +264,8 @@ class ChatServicer(chat_grpc.ChatServiceServicer):
             except ValueError as exc:
                 raise InvalidField("fim", str(exc)) from None
             ids = await s.encode_text(text, "fim")
-        return Prepared(requests=[Request(ids, sampling, stopping)], texts=[text], sample=not sampling.greedy,
-                        seed=seed)
+        return Prepared(requests=[Request(ids, sampling, stopping, constraint=constraint)], texts=[text],
+                        sample=not sampling.greedy, seed=seed)
 
     async def _start(self, request: chat_pb2.ChatRequest, call) -> ChatEventBuilder:
         """Check, prepare and submit a ChatStream / Chat request."""

@@ -22,7 +22,7 @@ from .bridge import GenerationFailed, Prepared, final_fields, rpc
 from .sampling import SamplingParams
 from .scheduler import Event, Request
 from .session import ModelSession, Stream
-from .stopping import StopReason
+from .stopping import StopReason, fmaas_stop_reason
 from .validation import rename, validate_params
 
 
@@ -92,7 +92,7 @@ class FmaasStreamBuilder:
         if final is not None:
             self.final = final
             msg.generated_token_count = final.generated_count
-            msg.stop_reason = int(final.stop_reason)
+            msg.stop_reason = int(fmaas_stop_reason(final.stop_reason))  # fmaas has no CONSTRAINT_UNMET
             msg.stop_sequence = final.stop_sequence
         return [msg]
 

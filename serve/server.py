@@ -46,6 +46,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ..protos import generation_pb2_grpc as gen_grpc
 from ..protos import granite_chat_pb2_grpc as chat_grpc
+from .adapters import AdapterSet, load_adapters
 from .auth import HEALTH_SERVICE, BearerTokenInterceptor
 from .bridge import JsonLogFormatter, MalformedRequestInterceptor
 from .chat_service import CHAT_SERVICE, ChatServicer
@@ -110,6 +111,10 @@ class ServerConfig:
     max_prompt_bytes: int | None = None
     template_time_s: float | None = None
     encode_workers: int = 2
+    # tgis: fmaas model_id must name this model (NOT_FOUND otherwise; --strict-model-id); TGIS ignores it
+    strict_model_id: bool = False
+    # tgis: (name, adapter artifact) pairs answering fmaas adapter_id, one engine each (serve/adapters.py)
+    adapters: tuple[tuple[str, str], ...] = ()
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -175,6 +180,7 @@ class GraniteServer:
         self.tokenizer = tokenizer
         self.session: ModelSession | None = None
         self.scheduler: Scheduler | None = None
+        self.adapters = AdapterSet()  # tgis: --adapter NAME=ARTIFACT engines and schedulers
         self.metrics: Metrics | None = None
         self.metrics_port: int | None = None
         self.http = None  # the OpenAI-compatible HTTP server (openai_api.HttpServer), when http_port is set
@@ -222,7 +228,8 @@ class GraniteServer:
         # The session exists before the model is loaded (it refuses with UNAVAILABLE until ready)
         self.session = ModelSession(None, model_id=self.model_id, workers=cfg.encode_workers)
         gen_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(self.session, cfg.fmaas_include_stop_sequence), self.server)
+            GenerationServicer(self.session, cfg.fmaas_include_stop_sequence, strict_model_id=cfg.strict_model_id),
+            self.server)
         chat_grpc.add_ChatServiceServicer_to_server(
             ChatServicer(self.session, cfg.chat_include_stop_sequence), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -243,6 +250,7 @@ class GraniteServer:
             if cfg.metrics_port is not None:
                 self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host or cfg.host)
             self.scheduler.start()
+            self.adapters.start()
             if cfg.warmup:
                 await self._warm_up()
         except BaseException:
@@ -251,6 +259,7 @@ class GraniteServer:
                 await self.http.stop(0)
             if self.scheduler:
                 self.scheduler.shutdown(timeout=5)
+            self.adapters.shutdown(timeout=5)
             if self.metrics:
                 self.metrics.close()
             if self.session:
@@ -296,6 +305,26 @@ class GraniteServer:
             self.tokenizer, self.scheduler, model_ids=self._model_ids, context_window=context_window,
             max_new_tokens_limit=limit, default_max_new_tokens=max(1, min(cfg.default_max_new_tokens, limit)),
             metrics=self.metrics, limits=limits, engine_info=info)
+        self._load_adapters(chunk)
+
+    def _load_adapters(self, chunk: int) -> None:
+        """tgis: one engine and scheduler per --adapter artifact, like the base's (serve/adapters.py)."""
+        cfg = self.config
+        if not cfg.adapters:
+            return
+        from ..artifact import open_trusted
+        from ..engines import load_engine
+
+        def make_engine(artifact):
+            open_trusted(artifact, verify_hashes=cfg.verify_hashes)
+            return load_engine(artifact, engine=cfg.engine, max_batch=cfg.max_batch, max_seq_len=cfg.max_seq_len,
+                               threads=cfg.threads)
+
+        self.adapters = load_adapters(
+            cfg.adapters, cfg.artifact, self.engine, make_engine,
+            lambda engine: Scheduler(engine, self.tokenizer, max_queue=cfg.max_queue, max_running=cfg.max_batch,
+                                     prefill_chunk=chunk, on_step=self.session.on_step))
+        self.session.adapters = dict(self.adapters.schedulers)
 
     def engine_description(self) -> str:
         info = self.engine.info
@@ -339,7 +368,8 @@ class GraniteServer:
         deadline = time.monotonic() + grace
         if self.scheduler is not None:
             self.scheduler.stop_accepting()
-            while not self.scheduler.idle() and time.monotonic() < deadline:
+            self.adapters.stop_accepting()
+            while not (self.scheduler.idle() and self.adapters.idle()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         if self.server is not None:
             # in-flight handlers only have their last messages left to write
@@ -353,6 +383,7 @@ class GraniteServer:
         """Immediate stop: cancels everything in flight."""
         if self.scheduler is not None:
             self.scheduler.stop_accepting()
+        self.adapters.stop_accepting()
         if self.server is not None:
             await self.server.stop(None)
         if self.http is not None:
@@ -365,6 +396,7 @@ class GraniteServer:
         self._shut_down = True
         if self.scheduler is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.scheduler.shutdown, 10.0)
+        await asyncio.get_running_loop().run_in_executor(None, self.adapters.shutdown, 10.0)
         if self.session is not None:
             self.session.close()
         if self.metrics is not None:

@@ -123,6 +123,9 @@ class ModelSession:
                  limits: InputLimits | None = None, engine_info: Any = None, workers: int = 2):
         self.model_id = model_id
         self._model_ids = {model_id}
+        # tgis: adapter name -> the scheduler of that adapter's own artifact (same tokenizer and context;
+        # `serve --adapter NAME=ARTIFACT`); Request.adapter picks one, "" is the base model
+        self.adapters: dict[str, Scheduler] = {}
         self.ready = False
         self.unusable: str | None = None  # why the engine cannot serve any more (set by the server)
         self._held: set[Stream] = set()  # streams holding a token until the step ends (scheduler thread)
@@ -277,7 +280,12 @@ class ModelSession:
         elif self.unusable:
             raise Unavailable(f"the engine is unusable ({self.unusable})")
         stream = Stream(asyncio.get_running_loop(), self.metrics if check_ready else None, self._held)
-        stream.ticket = self.scheduler.submit(request, stream.sink, params_checked=params_checked)
+        scheduler = self.scheduler
+        if request.adapter:  # tgis: the adapter's artifact runs it
+            scheduler = self.adapters.get(request.adapter)
+            if scheduler is None:
+                raise InvalidField("adapter_id", f"no adapter {request.adapter!r} is loaded")
+        stream.ticket = scheduler.submit(request, stream.sink, params_checked=params_checked)
         return stream
 
     def close(self) -> None:

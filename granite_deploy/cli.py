@@ -24,6 +24,7 @@ def _cmd_export(args) -> int:
         validate=not args.skip_validation,
         decode_steps=args.decode_steps,
         revision=args.revision,
+        adapter=args.adapter,
     )
     print(summary(out))
     return 0
@@ -133,6 +134,13 @@ def _setup_server_logging() -> None:
     root.setLevel(logging.INFO)
 
 
+def _adapter_options(values) -> tuple[tuple[str, str], ...]:
+    """--adapter NAME=ARTIFACT (repeatable) -> ((name, artifact), ...); bad values exit 2 naming --adapter."""
+    from .serve.adapters import parse_adapter_option
+
+    return tuple(parse_adapter_option(v) for v in values or ())
+
+
 def _cmd_serve(args) -> int:
     import asyncio
 
@@ -153,6 +161,7 @@ def _cmd_serve(args) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token=args.auth_token, model_id=args.model_id, max_new_tokens_limit=args.max_new_tokens_limit,
         max_message_bytes=args.max_message_bytes, drain_grace_s=args.grace, prefill_chunk=args.prefill_chunk,
+        strict_model_id=args.strict_model_id, adapters=_adapter_options(args.adapter),
     )
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UsageError("--prefill-chunk: must be >= 1")
@@ -314,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=None,
                    help="decode steps checked in validation (default 16 for fp32, 32 for fp16/bf16)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    p.add_argument("--adapter", metavar="PATH",
+                   help="PEFT LoRA adapter folder to merge into the checkpoint before export (an adapter "
+                        "artifact, served with `serve BASE --adapter NAME=THIS_ARTIFACT`)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("verify", help="check an artifact's hashes and that its graph loads")
@@ -367,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
                    help="largest gRPC message received or sent (default 16 MiB)")
     p.add_argument("--model-id", default=None, help="model id clients may name (default: the artifact folder name)")
+    p.add_argument("--strict-model-id", action="store_true",
+                   help="fmaas: answer NOT_FOUND for a model_id other than --model-id (TGIS, the default, ignores "
+                        "model_id)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=ARTIFACT",
+                   help="serve an adapter artifact (`export --adapter`) for fmaas adapter_id NAME, on its own "
+                        "engine (memory: one more model); repeatable")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT (default 30)")
     p.set_defaults(func=_cmd_serve)

@@ -10,6 +10,7 @@ A front end (the CLI, gRPC, HTTP) maps by class, never by message text:
 | NotFound         | 2        | NOT_FOUND           | 404  |
 | Overloaded       | 1        | RESOURCE_EXHAUSTED  | 429  |
 | Unavailable      | 1        | UNAVAILABLE         | 503  |
+| EngineUnusable (an Unavailable) | 1 | UNAVAILABLE | 503 |
 | VerificationFailed | 3      | FAILED_PRECONDITION | 500  |
 | GraniteDeployError (other) | 1 | INTERNAL         | 500  |
 
@@ -55,6 +56,11 @@ class Overloaded(GraniteDeployError):
 
 class Unavailable(GraniteDeployError):
     """Not serving now (loading, draining, engine unusable): retry on another replica."""
+
+
+class EngineUnusable(Unavailable):
+    """The engine cannot generate any more (failed warm-up, repeated step failures): the server
+    reports NOT_SERVING and ``serve`` exits with status 1 and this reason."""
 
 
 class VerificationFailed(GraniteDeployError):

@@ -210,10 +210,11 @@ class ModelSession:
                     **template_kwargs) -> str:
         """Validate and render a conversation with the artifact's template (blocking: in the pool)."""
         lim = self.limits
+        # "messages" -> "tools"; "conversation.messages" -> "conversation.tools"
+        prefix = field[: -len("messages")] if field.endswith("messages") else f"{field}."
         messages = validate_messages(messages, field, lim)
-        tools = validate_tools(tools, "tools" if field == "messages" else f"{field}.tools", lim)
-        documents = validate_documents(documents, "documents" if field == "messages" else f"{field}.documents",
-                                       lim)
+        tools = validate_tools(tools, f"{prefix}tools", lim)
+        documents = validate_documents(documents, f"{prefix}documents", lim)
         template_kwargs.setdefault("add_generation_prompt", True)
         try:
             return self.tokenizer.render_chat(messages, tools=tools, documents=documents,
@@ -222,7 +223,8 @@ class ModelSession:
         except InvalidField:
             raise
         except (ValueError, RecursionError, MemoryError, OverflowError) as exc:  # ChatTemplateError included
-            cls = TooLarge if isinstance(exc, (MemoryError, OverflowError)) else InvalidField
+            too_large = isinstance(exc, (MemoryError, OverflowError)) or getattr(exc, "too_large", False)
+            cls = TooLarge if too_large else InvalidField
             raise cls(field, f"the chat template failed: {exc}") from None
 
     def _encode_chat(self, messages, tools, documents, field, template_kwargs) -> tuple[str, tuple[int, ...]]:

@@ -18,23 +18,10 @@ from granite_deploy.serve.scheduler import Request
 from granite_deploy.serve.stopping import StoppingParams
 from granite_deploy.serve.tokenizer import GraniteTokenizer
 from harness import run_concurrently
+from lora_adapters import make_lora_adapter
 
 PROMPTS = ["Hello world", "The capital of France is", "def add(a, b):"]
 N = 12
-
-
-def make_lora_adapter(checkpoint, out, seed=1, r=4, alpha=32):
-    """A random (non-zero) LoRA adapter for the tiny checkpoint on every linear layer, saved by PEFT."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, lora_dropout=0.0,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear"])
-    model = get_peft_model(base, config)
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -191,8 +191,15 @@ def _cmd_client(args) -> int:
         params["stop_sequences"] = args.stop
     if args.prompt is not None and (args.tools or args.documents):
         raise UsageError("--tools/--documents need --chat (they are rendered by the chat template)")
+    if args.chat is not None:  # checked before connecting, with the server's rules (serve/validation.py)
+        from .serve.validation import validate_documents, validate_messages, validate_tools
+
+        messages = validate_messages(load_messages(args.chat), f"--chat: {args.chat}: messages")
+        tools = validate_tools(load_list(args.tools, "--tools"), f"--tools: {args.tools}")
+        documents = validate_documents(load_list(args.documents, "--documents"), f"--documents: {args.documents}")
+    # several --target (replicas) or one dns:/// name: round-robin, health-checked, UNAVAILABLE retried
     client = GraniteClient(args.target, tls_ca=args.tls_ca, client_cert=args.tls_cert, client_key=args.tls_key,
-                           token=args.token, timeout=args.timeout)
+                           token=args.token, timeout=args.timeout, server_name=args.server_name)
     start, first = time.perf_counter(), None
     try:
         if args.prompt is not None:
@@ -220,9 +227,6 @@ def _cmd_client(args) -> int:
         else:
             from .protos import granite_chat_pb2
 
-            messages = load_messages(args.chat)
-            tools = load_list(args.tools, "--tools")
-            documents = load_list(args.documents, "--documents")
             if args.stream:
                 final = None
                 for ev in client.chat(messages, tools=tools, documents=documents, stream=True,
@@ -259,6 +263,26 @@ def _cmd_client(args) -> int:
     if first is not None:
         print(f"time to first text: {first - start:.3f} s", file=sys.stderr)
     return 0
+
+
+def _cmd_health(args) -> int:
+    import os
+
+    import grpc
+
+    from .serve.client import check_health
+
+    if not args.timeout > 0:
+        raise UsageError("--timeout: must be > 0")
+    target = args.target or f"127.0.0.1:{os.environ.get('GRANITE_DEPLOY_PORT') or 8033}"
+    try:
+        status = check_health(target, args.service, timeout=args.timeout, tls_ca=args.tls_ca,
+                              client_cert=args.tls_cert, client_key=args.tls_key, server_name=args.server_name)
+    except grpc.RpcError as exc:
+        print(f"granite-deploy health: {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    print(f"{target}: {status}")
+    return 0 if status == "SERVING" else 1
 
 
 def _cmd_build(args) -> int:
@@ -390,7 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("client", help="call a granite-deploy server: print tokens as they arrive")
-    p.add_argument("--target", required=True, help="HOST:PORT of the server")
+    p.add_argument("--target", required=True, action="append",
+                   help="HOST[:PORT] of a server (port default 8033); repeat for several replicas, or one "
+                        "dns:///NAME[:PORT] for all addresses of a name (e.g. a headless Service): calls are "
+                        "balanced round-robin over SERVING replicas, retried on UNAVAILABLE before any output")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="raw prompt text (fmaas GenerationService)")
     src.add_argument("--chat", help="JSON file: list of {role, content} messages (ChatService)")
@@ -407,7 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="PEM client private key (mutual TLS)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     p.add_argument("--correlation-id", help="x-correlation-id sent with the request")
+    p.add_argument("--server-name", help="TLS: the name the server certificate must carry (default: the target's host)")
     p.set_defaults(func=_cmd_client)
+
+    p = sub.add_parser("health", help="ask a server's grpc.health.v1 status; exit 0 only when SERVING "
+                                      "(container health checks)")
+    p.add_argument("--target", default=None,
+                   help="HOST[:PORT] of one server (default 127.0.0.1:$GRANITE_DEPLOY_PORT, else 127.0.0.1:8033)")
+    p.add_argument("--service", default="", help="service name to ask about (default '': the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    p.add_argument("--tls-ca", help="PEM CA of the server certificate (turns TLS on)")
+    p.add_argument("--tls-cert", help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", help="PEM client private key (mutual TLS)")
+    p.add_argument("--server-name", help="TLS: the name the server certificate must carry")
+    p.set_defaults(func=_cmd_health)
 
     p = sub.add_parser("build", help="build a TensorRT plan for this GPU into an artifact (needs tensorrt + CUDA)")
     p.add_argument("artifact")

@@ -55,6 +55,8 @@ _FMAAS_FIELDS = {
     "stop_sequences": "parameters.stopping.stop_sequences",
     "include_stop_sequence": "parameters.stopping.include_stop_sequence",
     "time_limit_s": "parameters.stopping.time_limit_millis",
+    "prompt_logprobs": "parameters.response.input_tokens",
+    "length_penalty": "parameters.decoding.length_penalty",
 }
 
 # TGIS (router/src/validation.rs): sampling temperatures below this are refused (0 means 1.0)

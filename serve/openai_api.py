@@ -252,6 +252,11 @@ def constraints_available(tokenizer) -> bool:
     return True
 
 
+def _adapter(session: ModelSession, model: str | None) -> str:
+    """`model` naming a LoRA adapter the server loaded (`serve --adapter NAME=...`, vLLM's convention): its name."""
+    return model if model and model in (getattr(session, "adapters", None) or {}) else ""
+
+
 def _build(session: ModelSession, r, ids: tuple[int, ...], names: dict, logprobs: bool, top_n: int,
            max_tokens: int, constraint, field_prefix: int = 0) -> list[Request]:
     include = bool(r.include_stop_str_in_output)
@@ -265,6 +270,8 @@ def _build(session: ModelSession, r, ids: tuple[int, ...], names: dict, logprobs
     out = []
     for i in range(r.n):
         kw = {"constraint": constraint} if constraint is not None else {}
+        if _adapter(session, r.model):
+            kw["adapter"] = r.model
         req = Request(ids, _sampling(r, field_prefix + i, logprobs, top_n), stopping, **kw)
         try:
             validate_request(req, session.context_window)
@@ -313,7 +320,8 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
         check_auth(http)
         body = await _read_json(http, cfg.max_body_bytes)
         r = p.parse_request(body, model_cls)
-        session.check_model(r.model or "", "model")
+        if not _adapter(session, r.model):
+            session.check_model(r.model or "", "model")
         if app.state.draining:
             raise Unavailable("the server is draining")
         session.check_ready()
@@ -519,8 +527,11 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
 
     # --- models, health, metrics -------------------------------------------------------------------
     def model_card(name: str) -> dict:
-        return {"id": name, "object": "model", "created": created, "owned_by": "granite-deploy",
+        card = {"id": name, "object": "model", "created": created, "owned_by": "granite-deploy",
                 "max_model_len": session.context_window}
+        if _adapter(session, name):
+            card["parent"] = session.model_id  # vLLM's field for a LoRA adapter's base
+        return card
 
     @app.get("/v1/models")
     async def models(http: HttpRequest):
@@ -528,13 +539,15 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
             check_auth(http)
         except OpenAIError as exc:
             return _error_response(exc)
-        return JSONResponse({"object": "list", "data": [model_card(session.model_id)]})
+        names = [session.model_id, *sorted(getattr(session, "adapters", None) or {})]
+        return JSONResponse({"object": "list", "data": [model_card(n) for n in names]})
 
     @app.get("/v1/models/{name:path}")
     async def model(http: HttpRequest, name: str):
         try:
             check_auth(http)
-            session.check_model(name, "model")
+            if not _adapter(session, name):
+                session.check_model(name, "model")
         except Exception as exc:  # noqa: BLE001
             return _error_response(p.error_from_exception(exc))
         return JSONResponse(model_card(name))

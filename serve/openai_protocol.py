@@ -599,7 +599,9 @@ def chat_chunk(chunk_id: str, created: int, model: str, choices: list[dict], usa
 class CompletionChoiceStream:
     """One completion choice's events -> ``text_completion`` choice dicts
     (``{"index", "text", "logprobs", "finish_reason"}``), legacy logprobs format
-    (tokens, token_logprobs, top_logprobs, text_offset)."""
+    (tokens, token_logprobs, top_logprobs, text_offset). Without logprobs a chunk
+    comes when there is text; with them, one per token (text may be empty while a
+    character or a possible stop sequence is held back)."""
 
     def __init__(self, index: int, texts: TokenText | None = None, logprobs: int | None = None,
                  prefix: str = "", offset: int = 0):
@@ -632,7 +634,7 @@ class CompletionChoiceStream:
                     lp["top_logprobs"].append({self.texts.text(t): float(v) for t, v in tok.top_tokens[:self.logprobs]})
                     lp["text_offset"].append(self.offset)
                 self.offset += len(event.text)
-                if event.text:
+                if event.text or self.logprobs is not None:  # with logprobs: one chunk per token
                     out.append({"index": self.index, "text": event.text, "logprobs": self._lp(),
                                 "finish_reason": None})
             elif event.kind == "final":

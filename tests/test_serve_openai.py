@@ -64,6 +64,28 @@ class ScriptedEngine(Engine):
     def __getattr__(self, name):  # whatever else the scheduler asks of an engine
         return getattr(self.inner, name)
 
+    # what the base class defines itself: the inner engine's (prefix caching, prompt logprobs)
+    supports_snapshots = property(lambda self: self.inner.supports_snapshots)
+    supports_all_logits = property(lambda self: self.inner.supports_all_logits)
+
+    def save_kv(self, *args):
+        return self.inner.save_kv(*args)
+
+    def save_recurrent(self, *args):
+        return self.inner.save_recurrent(*args)
+
+    def restore(self, *args):
+        return self.inner.restore(*args)
+
+    def cache_bytes(self):
+        return self.inner.cache_bytes()
+
+    def free_memory_bytes(self):
+        return self.inner.free_memory_bytes()
+
+    def close(self):
+        self.inner.close()
+
     def reserve(self, seq_id):
         self.inner.reserve(seq_id)
         if self.script:
@@ -206,6 +228,22 @@ def test_models_health_ready_metrics(server, client):
     assert headers["content-type"].startswith("text/plain")
 
 
+def test_model_naming_a_loaded_adapter_routes_to_it(server, client):
+    st, _ = server
+    adapters = st.server.session.adapters
+    adapters["granite-lora-test"] = st.server.scheduler  # a stand-in: routing is what is tested here
+    try:
+        ids = {m.id: m for m in client.models.list().data}
+        assert set(ids) == {st.server.model_id, "granite-lora-test"}
+        assert ids["granite-lora-test"].model_extra["parent"] == st.server.model_id
+        r = client.chat.completions.create(model="granite-lora-test", messages=MSG, temperature=0, max_tokens=3)
+        assert r.model == "granite-lora-test" and r.usage.completion_tokens == 3
+    finally:
+        adapters.pop("granite-lora-test", None)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="granite-lora-test", messages=MSG, max_tokens=3)
+
+
 # ============================================================================ chat
 
 def test_chat_stream_equals_unary_and_usage_counts_the_template(server, client, hf_tokenizer):
@@ -230,6 +268,20 @@ def test_chat_stream_equals_unary_and_usage_counts_the_template(server, client, 
         assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
         assert usage.prompt_tokens_details.cached_tokens >= 0
     assert unary.usage.completion_tokens == chunks[-1].usage.completion_tokens
+
+
+def test_cached_tokens_come_from_the_prefix_cache(server, client):
+    st, _ = server
+    if getattr(st.server.scheduler, "prefix_cache", None) is None:
+        pytest.skip("this build serves without a prefix cache")
+    messages = [{"role": "system", "content": "You answer about the weather, briefly. " * 6}, *MSG]
+    kw = dict(model=st.server.model_id, messages=messages, temperature=0, max_tokens=4)
+    first = client.chat.completions.create(**kw)
+    second = client.chat.completions.create(**kw)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached <= second.usage.prompt_tokens == first.usage.prompt_tokens
+    assert second.choices[0].message.content == first.choices[0].message.content
 
 
 def test_chat_with_tools_and_documents_counts_the_template(server, client, hf_tokenizer):

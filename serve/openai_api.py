@@ -94,6 +94,7 @@ class _Call:
         self.correlation_id = http.headers.get("x-correlation-id", "")
         self.request_id = uuid.uuid4().hex[:16]
         self.ended = False
+        self.fields: dict = {}
         peer = f"{http.client.host}:{http.client.port}" if http.client else ""
         self._log("request_start", peer=peer)
 
@@ -105,7 +106,7 @@ class _Call:
         if not self.ended:
             self.ended = True
             self._log("request_end", status=status, duration_ms=round((time.monotonic() - self.t0) * 1000, 3),
-                      **fields)
+                      **self.fields, **fields)
 
 
 def _error_response(err: OpenAIError) -> JSONResponse:
@@ -315,11 +316,13 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
             raise OpenAIError(401, "invalid or missing API key: send 'Authorization: Bearer <token>'",
                               "invalid_request_error", None, "invalid_api_key")
 
-    async def begin(http: HttpRequest, model_cls):
+    async def begin(http: HttpRequest, call: _Call, model_cls):
         """Auth, body, parameters, model and readiness: the checks every generation shares."""
         check_auth(http)
         body = await _read_json(http, cfg.max_body_bytes)
         r = p.parse_request(body, model_cls)
+        if r.user:
+            call.fields["user"] = r.user  # OpenAI's end-user id: it goes to the access log
         if not _adapter(session, r.model):
             session.check_model(r.model or "", "model")
         if app.state.draining:
@@ -356,7 +359,7 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
     async def chat_completions(http: HttpRequest):
         call = _Call(http, "POST /v1/chat/completions")
         try:
-            r: ChatCompletionRequest = await begin(http, ChatCompletionRequest)
+            r: ChatCompletionRequest = await begin(http, call, ChatCompletionRequest)
             tools = p.tool_dicts(r.tools)
             constraint = _constraint(r, tools)
             need_constraint(constraint)
@@ -434,7 +437,7 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
     async def completions(http: HttpRequest):
         call = _Call(http, "POST /v1/completions")
         try:
-            r: CompletionRequest = await begin(http, CompletionRequest)
+            r: CompletionRequest = await begin(http, call, CompletionRequest)
             constraint = _constraint(r, None)
             need_constraint(constraint)
             prompts = _prompts(r.prompt)

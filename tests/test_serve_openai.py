@@ -244,6 +244,21 @@ def test_model_naming_a_loaded_adapter_routes_to_it(server, client):
         client.chat.completions.create(model="granite-lora-test", messages=MSG, max_tokens=3)
 
 
+def test_access_log_carries_correlation_id_and_user(server, client, caplog):
+    import logging
+
+    st, _ = server
+    with caplog.at_level(logging.INFO, logger="granite_deploy.serve.access"):
+        client.chat.completions.create(model=st.server.model_id, messages=MSG, max_tokens=2, user="alice",
+                                       extra_headers={"x-correlation-id": "corr-42"})
+        _wait(lambda: any(getattr(r, "fields", {}).get("event") == "request_end" and
+                          r.fields.get("correlation_id") == "corr-42" for r in caplog.records))
+    [end] = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("correlation_id") == "corr-42"
+             and r.fields["event"] == "request_end"]
+    assert (end["rpc"], end["status"], end["user"], end["generated_tokens"]) == \
+        ("POST /v1/chat/completions", 200, "alice", 2)
+
+
 # ============================================================================ chat
 
 def test_chat_stream_equals_unary_and_usage_counts_the_template(server, client, hf_tokenizer):

@@ -241,3 +241,13 @@ def test_completion_chunks_and_legacy_logprobs():
 def test_usage_shape():
     assert p.usage_dict(5, 3, 2) == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
                                      "prompt_tokens_details": {"cached_tokens": 2}}
+
+
+def test_http_api_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "import granite_deploy.serve.openai_api, granite_deploy.serve.server\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -517,3 +517,10 @@ def warm_up(tokenizer, vocab_size: int | None = None) -> threading.Thread:
     thread = threading.Thread(target=build, name="granite-grammar-tokenizer", daemon=True)
     thread.start()
     return thread
+
+
+def precompile(spec: ConstraintSpec | None, scheduler) -> None:
+    """Compile ``spec`` for ``scheduler`` now (front ends call this in a worker thread, so that
+    ``Scheduler.submit``, which runs on the event loop, finds it in the cache)."""
+    if spec is not None and scheduler is not None:
+        compile_constraint(spec, scheduler.tokenizer, scheduler.engine.info.vocab_size)

@@ -16,6 +16,7 @@ from ..errors import InvalidField
 from ..protos import granite_chat_pb2 as chat_pb2
 from ..protos import granite_chat_pb2_grpc as chat_grpc
 from .bridge import GenerationFailed, Prepared, final_fields, rpc
+from .constraints import ConstraintSpec, openai_constraint, precompile
 from .constraints import ConstraintSpec, openai_constraint
 from .sampling import SamplingParams
 from .scheduler import Event, Request
@@ -264,6 +265,8 @@ class ChatServicer(chat_grpc.ChatServiceServicer):
             except ValueError as exc:
                 raise InvalidField("fim", str(exc)) from None
             ids = await s.encode_text(text, "fim")
+        if constraint is not None:  # compile off the event loop (submit then hits the cache)
+            await s.render_text(precompile, constraint, s.scheduler)
         return Prepared(requests=[Request(ids, sampling, stopping, constraint=constraint)], texts=[text],
                         sample=not sampling.greedy, seed=seed)
 

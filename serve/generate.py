@@ -7,7 +7,9 @@ import queue
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import InvalidField
 from .scheduler import Event, Request, Scheduler
+from .validation import validate_documents, validate_messages, validate_tools
 
 
 def read_json_file(path: str | Path, what: str):
@@ -15,9 +17,11 @@ def read_json_file(path: str | Path, what: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ValueError(f"{what}: {path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what}: {path}: not valid JSON ({exc})") from None
+        raise InvalidField(what, f"{path}: no such file") from None
+    except OSError as exc:
+        raise InvalidField(what, f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidField(what, f"{path}: not valid JSON ({exc})") from None
 
 
 def load_messages(path: str | Path) -> list[dict]:
@@ -25,11 +29,9 @@ def load_messages(path: str | Path) -> list[dict]:
     data = read_json_file(path, "--chat")
     messages = data.get("messages") if isinstance(data, dict) else data
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"--chat: {path}: expected a non-empty list of messages (or {{\"messages\": [...]}})")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m:
-            raise ValueError(f"--chat: {path}: messages[{i}] needs a 'role'")
-    return messages
+        raise InvalidField("--chat", f"{path}: expected a non-empty list of messages (or {{\"messages\": [...]}})")
+    # the same checks as the server's and the client's (roles, content, tool calls, sizes)
+    return validate_messages(messages, f"--chat: {path}: messages")
 
 
 def load_list(path: str | Path | None, what: str) -> list | None:
@@ -50,8 +52,9 @@ def render_prompt(tokenizer, prompt: str | None = None, chat: str | Path | None 
         if tools or documents:
             raise ValueError("--tools/--documents need --chat (they are rendered by the chat template)")
         return prompt
-    return tokenizer.render_chat(load_messages(chat), tools=load_list(tools, "--tools"),
-                                 documents=load_list(documents, "--documents"), add_generation_prompt=True)
+    return tokenizer.render_chat(load_messages(chat), tools=validate_tools(load_list(tools, "--tools"), "--tools"),
+                                 documents=validate_documents(load_list(documents, "--documents"), "--documents"),
+                                 add_generation_prompt=True, time_limit_s=10.0, max_output_chars=64 << 20)
 
 
 def stream(scheduler: Scheduler, request: Request) -> Iterator[Event]:

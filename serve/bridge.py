@@ -154,6 +154,15 @@ class Call:
         self.context.add_done_callback(lambda _ctx: stream.cancel())
         self.on_close(stream.cancel)
 
+    def current_fields(self) -> dict:
+        extra = dict(self.fields)
+        for fn in self._field_fns:
+            try:
+                extra.update(fn())
+            except Exception:
+                log.exception("access-log fields of %s failed", self.rpc)
+        return extra
+
     def end(self, status: str, **fields) -> None:
         if self.ended:
             return
@@ -163,12 +172,7 @@ class Call:
                 fn()
             except Exception:  # a clean-up must not hide the RPC's own outcome
                 log.exception("clean-up of %s failed", self.rpc)
-        extra = dict(self.fields)
-        for fn in self._field_fns:
-            try:
-                extra.update(fn())
-            except Exception:
-                log.exception("access-log fields of %s failed", self.rpc)
+        extra = self.current_fields()
         extra.update(fields)
         self._log("request_end", status=status, duration_ms=round((time.monotonic() - self.t0) * 1000, 3), **extra)
 
@@ -248,6 +252,9 @@ def rpc(name: str):
                     async for message in fn(self, request, context, call):
                         yield message
                     status = "OK"
+                    error = call.current_fields().get("error")
+                    if error:  # the stream ended with stop reason ERROR: say why in the trailers
+                        context.set_trailing_metadata((("granite-error", str(error)[:1024]),))
                 except grpc.aio.AbortError:
                     status = "ABORTED_BY_HANDLER"
                     raise

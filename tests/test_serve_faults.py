@@ -180,6 +180,11 @@ def test_server_nan_request_internal_then_unusable_not_serving(artifact):
             _generate(stub)
         assert e.value.code() == SC.INTERNAL and "logits contain NaN at step 0" in e.value.details()
         assert _health(st.target) == health_pb2.HealthCheckResponse.SERVING
+        stream = stub.GenerateStream(g.SingleGenerationRequest(
+            request=g.GenerationRequest(text="Hello"), params=build_parameters(max_new_tokens=4)), timeout=30)
+        msgs = list(stream)  # a stream ends with stop reason ERROR, the cause in the trailing metadata
+        assert msgs[-1].stop_reason == g.ERROR
+        assert dict(stream.trailing_metadata())["granite-error"] == "logits contain NaN at step 0"
         engine.nan_all = False
         assert _generate(stub).responses[0].generated_token_count == 4  # other requests still served
         engine.nan_all = True

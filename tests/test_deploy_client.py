@@ -239,3 +239,13 @@ def test_health_command(replicas, capsys):
     assert cli_main(["health", "--target", f"127.0.0.1:{port}", "--timeout", "1"]) == 1
     err = capsys.readouterr().err
     assert "UNAVAILABLE" in err and "Traceback" not in err
+
+
+def test_dns_name_target_balances_over_its_addresses(replicas):
+    """dns:///NAME:PORT (a headless Service's form): every address of the name is a subchannel;
+    addresses that refuse (here ::1, the servers listen on 127.0.0.1 only) are skipped."""
+    a = replicas[0]
+    port = a.target.rsplit(":", 1)[1]
+    with GraniteClient(f"dns:///localhost:{port}", timeout=30) as client:
+        assert client.target == f"dns:///localhost:{port}"
+        assert client.generate("Hello", max_new_tokens=2, min_new_tokens=2).generated_token_count == 2

@@ -136,7 +136,7 @@ def test_every_manifest_is_valid_against_the_kubernetes_schemas():
         except kv.ValidationError as exc:
             pytest.fail(f"{path.relative_to(ROOT)}: {doc['kind']} {doc['metadata']['name']}: {str(exc).splitlines()[0]}")
         checked += 1
-    assert checked >= 9 and crds == 3
+    assert checked >= 9 and crds == 4  # ServiceMonitor, two ServingRuntimes, InferenceService
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -216,6 +216,7 @@ def test_deployment_probes_drain_and_security(overlay):
     assert grpc_port == 8033
     assert {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"] == grpc_port
     assert {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"] == int(env["GRANITE_DEPLOY_METRICS_PORT"])
+    assert {p["name"]: p["containerPort"] for p in c["ports"]}["http"] == int(env["GRANITE_DEPLOY_HTTP_PORT"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == grpc_port, probe  # native grpc.health.v1 probes
         assert c[probe]["grpc"].get("service", "") == ""
@@ -351,6 +352,24 @@ def test_kserve_runtime_and_inference_service():
     assert model["ports"][0]["containerPort"] == 8033
     grace = float(env["GRANITE_DEPLOY_GRACE"])
     assert isvc["spec"]["predictor"]["terminationGracePeriodSeconds"] >= grace + 5 + 5
+
+
+def test_kserve_openai_runtime_exposes_the_http_port():
+    (rt,) = _docs(DEPLOY / "kserve" / "openai-servingruntime.yaml")
+    assert (rt["apiVersion"], rt["kind"]) == ("serving.kserve.io/v1alpha1", "ServingRuntime")
+    (c,) = rt["spec"]["containers"]
+    _validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kserve-openai-check"},
+               "spec": {"containers": [c]}})
+    env = _env(c)
+    (port,) = c["ports"]  # KServe routes one port: here the HTTP API
+    assert port["containerPort"] == int(env["GRANITE_DEPLOY_HTTP_PORT"]) == 8080
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": 8080}
+    assert c["livenessProbe"]["grpc"]["port"] == int(env["GRANITE_DEPLOY_PORT"])
+    (grpc_rt,) = _docs(DEPLOY / "kserve" / "servingruntime.yaml")
+    assert {f["name"] for f in rt["spec"]["supportedModelFormats"]} == {
+        f["name"] for f in grpc_rt["spec"]["supportedModelFormats"]}
+    # exactly one runtime is picked automatically for the format: the gRPC one
+    assert [f["autoSelect"] for f in rt["spec"]["supportedModelFormats"]] == [False]
 
 
 # ============================================================================ jobs

@@ -44,6 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as _health_aio
 from grpc_reflection.v1alpha import reflection
 
+from ..errors import EngineUnusable, InvalidField
 from ..protos import generation_pb2_grpc as gen_grpc
 from ..protos import granite_chat_pb2_grpc as chat_grpc
 from .adapters import AdapterSet, load_adapters
@@ -156,6 +157,17 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
         raise ValueError("--tls-cert/--tls-key: both are needed for TLS (and for --tls-client-ca)")
     cert = _read_bytes(config.tls_cert, "--tls-cert")
     key = _read_bytes(config.tls_key, "--tls-key")
+def _check_port_free(host: str, port: int, option: str) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host.strip("[]"), int(port)))
+        except OSError as exc:
+            raise InvalidField(option, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
     ca = _read_bytes(config.tls_client_ca, "--tls-client-ca")
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
@@ -199,6 +211,9 @@ class GraniteServer:
     def ready(self) -> bool:
         return bool(self.session and self.session.ready)
 
+        self.fatal: str | None = None  # why the engine became unusable while serving
+        self._fatal_event = asyncio.Event()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
     @property
     def context_window(self) -> int:
         return self.session.context_window if self.session else 0
@@ -222,7 +237,12 @@ class GraniteServer:
             interceptors.append(BearerTokenInterceptor(cfg.auth_token,
                                                        on_reject=lambda: self._rejected("unauthenticated")))
         interceptors.append(MalformedRequestInterceptor(SERVICE_NAMES))
+        self._event_loop = asyncio.get_running_loop()
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg))
+        if cfg.port:  # a busy port: one clear line (gRPC would also log its own error)
+            _check_port_free(cfg.host, cfg.port, "--port")
+        if cfg.metrics_port:  # fail fast on a busy metrics port too (it is opened after loading)
+            _check_port_free(cfg.metrics_host or cfg.host, cfg.metrics_port, "--metrics-port")
         host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
         address = f"{host}:{cfg.port}"
         # The session exists before the model is loaded (it refuses with UNAVAILABLE until ready)
@@ -238,9 +258,10 @@ class GraniteServer:
             port = (self.server.add_secure_port(address, credentials) if credentials
                     else self.server.add_insecure_port(address))
         except RuntimeError as exc:
-            raise ValueError(f"--port: cannot listen on {address}: {exc}") from None
+            reason = str(exc).split("; set GRPC_VERBOSITY")[0]
+            raise InvalidField("--port", f"cannot listen on {address}: {reason} (is the port in use?)") from None
         if not port:
-            raise ValueError(f"--port: cannot listen on {address}")
+            raise InvalidField("--port", f"cannot listen on {address} (is the port in use?)")
         self.port = port
         await self.server.start()  # health answers NOT_SERVING while the model loads and warms up
         try:
@@ -248,11 +269,22 @@ class GraniteServer:
                 await self._start_http()
             await asyncio.get_running_loop().run_in_executor(None, self._load)
             if cfg.metrics_port is not None:
-                self.metrics_port = self.metrics.serve_http(cfg.metrics_port, cfg.metrics_host or cfg.host)
+                metrics_host = cfg.metrics_host or cfg.host
+                try:
+                    self.metrics_port = self.metrics.serve_http(cfg.metrics_port, metrics_host)
+                except OSError as exc:
+                    raise InvalidField("--metrics-port", f"cannot listen on {metrics_host}:{cfg.metrics_port}: "
+                                                         f"{exc.strerror or exc}") from None
             self.scheduler.start()
             self.adapters.start()
             if cfg.warmup:
-                await self._warm_up()
+                try:
+                    await asyncio.wait_for(self._warm_up(), cfg.warmup_timeout_s)
+                except asyncio.TimeoutError:
+                    raise EngineUnusable(f"the warm-up generation did not finish within {cfg.warmup_timeout_s:g} s "
+                                         "(the engine is unusable)") from None
+            if self.scheduler.unusable:
+                raise EngineUnusable(f"the engine is unusable: {self.scheduler.unusable}")
         except BaseException:
             await self.server.stop(None)
             if self.http is not None:
@@ -300,7 +332,8 @@ class GraniteServer:
                                          template_time_s=cfg.template_time_s)
         chunk = cfg.prefill_chunk or (8 if info.device == "cpu" else 256)
         self.scheduler = Scheduler(self.engine, self.tokenizer, max_queue=cfg.max_queue,
-                                   max_running=cfg.max_batch, prefill_chunk=chunk, on_step=self.session.on_step)
+                                   max_running=cfg.max_batch, prefill_chunk=chunk, on_step=self.session.on_step,
+                                   on_fatal=self._on_fatal)
         self.session.configure(
             self.tokenizer, self.scheduler, model_ids=self._model_ids, context_window=context_window,
             max_new_tokens_limit=limit, default_max_new_tokens=max(1, min(cfg.default_max_new_tokens, limit)),
@@ -336,11 +369,31 @@ class GraniteServer:
         request = Request(ids, SamplingParams(), StoppingParams(max_new_tokens=2), request_id="warmup")
         stream = self.session.submit(request, check_ready=False)
         final = None
-        while not stream.finished:
-            batch = await stream.get()
-            final = batch[-1]
+        try:
+            while not stream.finished:
+                batch = await stream.get()
+                final = batch[-1]
+        finally:
+            stream.cancel()
         if final.stop_reason == StopReason.ERROR:
-            raise RuntimeError(f"warm-up generation failed: {final.error}")
+            raise EngineUnusable(f"the warm-up generation failed: {final.error}")
+
+    def _on_fatal(self, reason: str) -> None:  # scheduler thread
+        try:
+            self._event_loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._engine_unusable(reason)))
+        except (RuntimeError, AttributeError):  # the loop is closed (or never ran)
+            pass
+
+    async def _engine_unusable(self, reason: str) -> None:
+        """The engine cannot serve: NOT_SERVING everywhere, new requests UNAVAILABLE; serve_forever exits."""
+        if self.fatal is not None:
+            return
+        self.fatal = reason
+        if self.session is not None:
+            self.session.unusable = reason
+        for name in ("",) + SERVICE_NAMES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._fatal_event.set()
 
     async def _start_http(self) -> None:
         from .openai_api import HttpConfig, HttpServer  # FastAPI/uvicorn load only when asked for
@@ -426,6 +479,11 @@ class ServerThread:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="granite-grpc", daemon=True)
         self._thread.start()
+    async def wait_fatal(self) -> str:
+        """Until the engine became unusable; returns the reason."""
+        await self._fatal_event.wait()
+        return self.fatal or "the engine is unusable"
+
         if wait:
             self.wait_ready(start_timeout)
 
@@ -497,7 +555,10 @@ class ServerThread:
 # ============================================================================ CLI entry
 
 async def serve_forever(config: ServerConfig, on_ready: Callable[[GraniteServer], None] | None = None) -> None:
-    """Start, wait for SIGTERM/SIGINT, drain (a second signal stops at once)."""
+    """Start, wait for SIGTERM/SIGINT, drain (a second signal stops at once).
+
+    Raises EngineUnusable (after stopping) when the warm-up fails or the engine becomes
+    unusable while serving, so that the process exits non-zero with the reason."""
     import signal
 
     server = GraniteServer(config)
@@ -518,7 +579,13 @@ async def serve_forever(config: ServerConfig, on_ready: Callable[[GraniteServer]
     try:
         stopped = asyncio.ensure_future(server.wait_stopped())
         waiter = asyncio.ensure_future(signalled.wait())
-        await asyncio.wait({stopped, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        fatal = asyncio.ensure_future(server.wait_fatal())
+        await asyncio.wait({stopped, waiter, fatal}, return_when=asyncio.FIRST_COMPLETED)
+        if fatal.done():
+            waiter.cancel()
+            await server.stop()
+            raise EngineUnusable(f"the engine is unusable: {fatal.result()}")
+        fatal.cancel()
         if not server._stopped.is_set():
             drain = asyncio.ensure_future(server.drain())
             await asyncio.wait({drain, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -23,9 +23,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from .. import errors
 from ..engines.base import Chunk, Engine, EngineError
-from .constraints import ConstraintSpec
+from ..engines.prefix_cache import PrefixCache
+from .constraints import ConstraintSpec, ConstraintState, MaskFiller, compile_constraint, warm_up
 from .detokenizer import IncrementalDetokenizer
 from .sampling import SampledToken, SamplingParams, TokenSampler
 from .stopping import StoppingCriteria, StoppingParams, StopReason, StopSequenceMatcher
@@ -74,6 +77,7 @@ class Event:
     # first "token" event of a Request(prompt_logprobs=True): one SampledToken per prompt token
     # (token 0: logprob NaN, rank 0), from serve/tgis.prompt_token_infos
     prompt_tokens: list[SampledToken] | None = None
+    cached_prompt_tokens: int = 0  # final event: prompt tokens served from the prefix cache (not prefilled)
 
 
 @dataclass(eq=False)
@@ -91,6 +95,8 @@ class _Sequence:
     cached: int = 0  # tokens in the engine's cache
     output: list[int] = field(default_factory=list)
     prompt_infos: list[SampledToken] | None = None  # tgis: prompt-token scores, filled while prefilling
+    constraint: ConstraintState | None = None  # structured: where the output is in its grammar
+    prefix_hit: int = 0  # prompt tokens restored from the prefix cache
     cancelled: bool = False
     done: bool = False
 
@@ -121,6 +127,10 @@ class Ticket:
 
 
 class Scheduler:
+    # Request.constraint is applied (serve/constraints.py, _compile/_advance); front ends that map
+    # guided-decoding fields probe this instead of silently dropping them (tgis)
+    supports_constraints = True
+
     def __init__(
         self,
         engine: Engine,
@@ -130,6 +140,9 @@ class Scheduler:
         prefill_chunk: int = 256,
         idle_prefill_chunk: int = 256,
         on_step: Callable[[dict], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
+        max_consecutive_failures: int = 5,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.engine = engine
         self.tokenizer = tokenizer
@@ -139,6 +152,14 @@ class Scheduler:
         self.idle_prefill_chunk = idle_prefill_chunk
         self.context_window = engine.info.max_seq_len
         self.on_step = on_step  # metrics hook: called with counts after every step
+        # fault containment: a failed step fails its requests only; after this many failed steps in a
+        # row the engine is declared unusable: on_fatal(reason) is called once and submit refuses
+        self.on_fatal = on_fatal
+        self.max_consecutive_failures = max(1, int(max_consecutive_failures))
+        self.unusable: str | None = None
+        self._failures = 0
+        self.prefix_cache = prefix_cache  # None: off (the server makes one unless --prefix-cache-mb 0)
+        self._cached_logits: list[tuple[_Sequence, object]] = []  # whole prompt cached: first token from these
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._ids = itertools.count()
@@ -148,11 +169,13 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.stop_token_ids = frozenset(tokenizer.stop_token_ids)
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)  # tgis length penalty boosts this one
+        self._mask_filler: MaskFiller | None = None  # structured: made on the first constrained request
 
     # --- public API (any thread) ----------------------------------------------------------
     def start(self) -> "Scheduler":
         self._thread = threading.Thread(target=self._loop, name="granite-scheduler", daemon=True)
         self._thread.start()
+        warm_up(self.tokenizer, self.engine.info.vocab_size)  # structured: grammar tokenizer, off the request path
         return self
 
     def submit(self, request: Request, sink: Callable[[Event], None], params_checked: bool = False) -> Ticket:
@@ -167,6 +190,7 @@ class Scheduler:
         vocab = self.engine.info.vocab_size
         validate_request(request, self.context_window, vocab, params_checked=params_checked)
         check_tgis_fields(request.length_penalty, request.prompt_logprobs, self.engine)
+        constraint = self._compile(request)  # structured: a bad constraint is refused before any token
         now = time.monotonic()
         seq = _Sequence(
             seq_id=next(self._ids),
@@ -177,8 +201,11 @@ class Scheduler:
             detok=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
             matcher=StopSequenceMatcher(stopping.stop_sequences, stopping.include_stop_sequence),
             arrival=now,
+            constraint=constraint,
         )
         with self._lock:
+            if self.unusable:
+                raise errors.Unavailable(f"the engine is unusable ({self.unusable})")
             if not self._accepting:
                 raise ShuttingDown("server is shutting down")
             free = self.max_running - len(self._running)
@@ -225,10 +252,16 @@ class Scheduler:
                     self._lock.wait()
                 if self._stopped and not self._waiting and not self._running:
                     return
-                self._admit()
-            self._drop_finished_early()
-            if self._running:
-                self._step()
+                try:
+                    self._admit()
+                except Exception as exc:  # noqa: BLE001 - never let the thread die (see _contain)
+                    self._contain(exc, "admitting requests", list(self._running))
+            try:
+                self._drop_finished_early()
+                if self._running:
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - a bug in a step fails the running requests only
+                self._contain(exc, "scheduler step", list(self._running))
             if self._stopped:
                 for seq in list(self._running):
                     self._finish(seq, StopReason.CANCELLED)
@@ -237,7 +270,10 @@ class Scheduler:
                         self._waiting.remove(seq)
                         self._emit_final(seq, StopReason.CANCELLED)
             if self.on_step:
-                self.on_step(self.counts())
+                try:
+                    self.on_step(self.counts())
+                except Exception:  # noqa: BLE001 - a metrics hook must not stop generation
+                    log.exception("scheduler on_step hook failed")
 
     def _admit(self) -> None:
         # A request cancelled while queued leaves the queue now (and gets its final event),
@@ -251,7 +287,17 @@ class Scheduler:
             if seq.cancelled:
                 self._emit_final(seq, StopReason.CANCELLED)
                 continue
-            self.engine.reserve(seq.seq_id)
+            try:
+                self.engine.reserve(seq.seq_id)
+                if self.prefix_cache is not None:
+                    self._reuse_prefix(seq)
+            except Exception as exc:  # noqa: BLE001 - CacheFull & co fail this request, not the loop
+                self._fail([seq], f"cannot reserve a cache slot: {_describe(exc)}", admitted=False)
+                try:
+                    self.engine.release(seq.seq_id)
+                except Exception:  # noqa: BLE001 - nothing was reserved
+                    pass
+                continue
             seq.admitted = time.monotonic()
             self._running.append(seq)
             seq.sink(Event("start", prompt_token_count=len(seq.request.prompt_ids), seed=seq.sampler.seed,
@@ -265,8 +311,36 @@ class Scheduler:
             elif seq.criteria.time_exceeded(now):
                 self._finish(seq, StopReason.TIME_LIMIT)
 
+    # --- prefix cache (engine owner) -------------------------------------------------------------
+    def _reuse_prefix(self, seq: _Sequence) -> None:
+        """Start seq from the longest cached prefix of its prompt (engines/prefix_cache.py)."""
+        cache, prompt = self.prefix_cache, seq.request.prompt_ids
+        hit = None if seq.request.prompt_logprobs else cache.lookup(prompt)  # prompt scores need every position
+        if hit is not None:
+            try:
+                self.engine.restore(seq.seq_id, hit.length, list(hit.kv), hit.recurrent)
+            except EngineError as exc:
+                log.warning("prefix cache: restore of %d tokens failed, prefilling instead: %s", hit.length, exc)
+                hit = None
+        cache.begin(seq.seq_id, prompt, hit)
+        if hit is not None:
+            seq.cached = seq.prefix_hit = hit.length
+            if hit.logits is not None:  # the whole prompt: its next-token logits are cached too
+                self._cached_logits.append((seq, hit.logits))
+
+    def _prefill_limit(self, seq: _Sequence, budget: int) -> int:
+        """Recurrent state is snapshot only between steps: pause the prefill at the cache's next point."""
+        stop = self.prefix_cache.next_snapshot(seq.seq_id, seq.cached) if self.prefix_cache is not None else None
+        return budget if stop is None else max(1, min(budget, stop - seq.cached))
+
     def _step(self) -> None:
         chunks, seqs = [], []
+        for seq, row in self._cached_logits:  # prefix-cache hits of whole prompts: no prefill at all
+            if not seq.done:
+                self._advance_contained(seq, row)
+        self._cached_logits.clear()
+        if not self._running:
+            return
         # The chunk limit exists so that running streams are not stalled by a new prompt;
         # with nobody decoding there is nobody to stall, so prompts then go in big pieces.
         decoding = any(not seq.prefilling for seq in self._running)
@@ -275,26 +349,105 @@ class Scheduler:
             if seq.prefilling:
                 if budget <= 0:
                     continue
-                tokens = seq.pending(budget)
+                tokens = seq.pending(self._prefill_limit(seq, budget))
                 budget -= len(tokens)
             else:
                 tokens = seq.pending(1)
             chunks.append(Chunk(seq.seq_id, tokens, seq.cached,
                                 all_logits=seq.request.prompt_logprobs and seq.prefilling))
             seqs.append(seq)
+        pending = self._start_masks(seqs, chunks)  # structured: masks fill while the engine runs
         try:
             logits = self.engine.step(chunks)
-        except EngineError as exc:
-            log.error("engine step failed for %d sequences: %s", len(seqs), exc)
-            for seq in seqs:
-                self._finish(seq, StopReason.ERROR, error=str(exc))
+            if len(logits) != len(chunks):
+                raise EngineError(f"engine returned {len(logits)} logit rows for {len(chunks)} chunks")
+        except Exception as exc:  # noqa: BLE001 - EngineError, MemoryError, ValueError, CacheFull, ...
+            self._contain(exc, "engine step", seqs)
             return
+        masks = self._masks(pending)
+        failed = sampled = 0
         for seq, chunk, row in zip(seqs, chunks, logits):
             seq.cached += len(chunk.token_ids)
+            if self.prefix_cache is not None and chunk.start < len(seq.request.prompt_ids):
+                self.prefix_cache.after_prefill(seq.seq_id, seq.request.prompt_ids, seq.cached,
+                                                len(seq.request.prompt_ids), row)
             if chunk.all_logits and not self._score_prompt(seq, chunk):
                 continue
             if not seq.prefilling:
-                self._advance(seq, row)
+                sampled += 1
+                if not self._advance_contained(seq, row, masks.get(seq)):
+                    failed += 1
+        # every row that should have produced a token failed: count it as a failed engine step
+        if sampled and failed == sampled:
+            self._failed_step(f"every sampled row of the step failed ({failed} sequences)")
+        elif sampled:
+            self._failures = 0
+
+    # --- fault containment (serve-core) ------------------------------------------------------------
+    def _advance_contained(self, seq: _Sequence, row, allowed=None) -> bool:
+        """_advance, except that non-finite logits or any exception end this sequence only
+        (ERROR, the cause in the message); False when the row failed."""
+        step = len(seq.output)
+        try:
+            row_array = np.asarray(row)
+            if not np.isfinite(row_array).all():  # -inf alone is a masked token, not a fault
+                kind = ("NaN" if np.isnan(row_array).any() else "+inf" if np.isposinf(row_array).any()
+                        else None if np.isfinite(row_array).any() else "no finite value")
+                if kind is not None:
+                    self._fail([seq], f"logits contain {kind} at step {step}")
+                    return False
+            self._advance(seq, row, allowed)
+            return True
+        except Exception as exc:  # noqa: BLE001 - a sampler / detokenizer / sink failure ends this request
+            self._fail([seq], f"generation failed at step {step}: {_describe(exc)}")
+            return False
+
+    def _fail(self, seqs: list[_Sequence], error: str, admitted: bool = True) -> None:
+        """End `seqs` with stop reason ERROR and `error`, logged once with their request ids."""
+        seqs = [seq for seq in seqs if not seq.done]
+        if not seqs:
+            return
+        log.error("%s; failing %d request(s): %s", error, len(seqs),
+                  ", ".join(seq.request.request_id or f"#{seq.seq_id}" for seq in seqs),
+                  extra={"fields": {"event": "request_failed", "error": error,
+                                    "request_ids": [seq.request.request_id or f"#{seq.seq_id}" for seq in seqs]}})
+        for seq in seqs:
+            try:
+                if admitted:
+                    self._finish(seq, StopReason.ERROR, error=error)
+                else:
+                    self._emit_final(seq, StopReason.ERROR, error=error)
+            except Exception:  # noqa: BLE001 - a failing release/sink must not stop the others
+                seq.done = True
+                if seq in self._running:
+                    self._running.remove(seq)
+                log.exception("ending request %s failed", seq.request.request_id or seq.seq_id)
+
+    def _contain(self, exc: BaseException, where: str, seqs: list[_Sequence]) -> None:
+        """An exception in `where`: fail the affected sequences, count a failed step."""
+        reason = f"{where} failed: {_describe(exc)}"
+        log.debug("%s", reason, exc_info=exc)
+        self._fail(seqs, reason)
+        self._failed_step(reason)
+
+    def _failed_step(self, reason: str) -> None:
+        self._failures += 1
+        if self._failures < self.max_consecutive_failures or self.unusable:
+            return
+        self.unusable = f"{self._failures} engine steps in a row failed; last: {reason}"
+        log.error("the engine is unusable: %s", self.unusable, extra={"fields": {
+            "event": "engine_unusable", "reason": self.unusable}})
+        with self._lock:
+            self._accepting = False
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        self._fail(waiting, f"the engine is unusable ({self.unusable})", admitted=False)
+        self._fail(list(self._running), f"the engine is unusable ({self.unusable})")
+        if self.on_fatal is not None:
+            try:
+                self.on_fatal(self.unusable)
+            except Exception:  # noqa: BLE001
+                log.exception("scheduler on_fatal hook failed")
 
     def _score_prompt(self, seq: _Sequence, chunk: Chunk) -> bool:
         """tgis: turn this prefill chunk's all-position logits into prompt-token scores."""
@@ -308,8 +461,12 @@ class Scheduler:
         seq.prompt_infos = (seq.prompt_infos or []) + infos
         return True
 
-    def _advance(self, seq: _Sequence, logits) -> None:
+    def _advance(self, seq: _Sequence, logits, allowed=None) -> None:
         n = len(seq.output)
+        if seq.constraint is not None:
+            allowed = self._allowed(seq, allowed)
+            if allowed is None:
+                return
         lp = seq.request.length_penalty
         if lp is not None and n >= seq.request.stopping.min_new_tokens:  # TGIS: not while EOS is suppressed
             logits = apply_length_penalty(logits, n, lp[0], lp[1], self.eos_token_id)
@@ -317,12 +474,15 @@ class Scheduler:
             logits,
             list(seq.request.prompt_ids) + seq.output if seq.request.sampling.repetition_penalty_active else None,
             suppress_token_ids=seq.criteria.suppressed_token_ids(n),
+            allowed=allowed,
         )
         now = time.monotonic()
         if not seq.output:
             seq.first_token = now
         seq.output.append(sampled.token_id)
         reason = seq.criteria.check(sampled.token_id, n + 1, now)
+        if seq.constraint is not None:
+            reason = self._constraint_reason(seq, sampled.token_id, reason)
         delta = seq.detok.push(sampled.token_id)
         if reason != StopReason.NOT_FINISHED:  # last token: release bytes the detokenizer held back
             delta += seq.detok.flush()
@@ -336,7 +496,64 @@ class Scheduler:
         seq.sink(Event("token", text=text, token=sampled, token_text=token_text, generated_count=n + 1,
                        prompt_tokens=prompt_tokens))
         if reason != StopReason.NOT_FINISHED:
-            self._finish(seq, reason, stop_sequence=matched or "")
+            error = seq.constraint.error if seq.constraint is not None and reason == StopReason.ERROR else ""
+            self._finish(seq, reason, stop_sequence=matched or "", error=error)
+
+    # --- structured generation (serve/constraints.py) -------------------------------------
+    def _compile(self, request: Request) -> ConstraintState | None:
+        if request.constraint is None:
+            return None
+        compiled = compile_constraint(request.constraint, self.tokenizer, self.engine.info.vocab_size)
+        return compiled.new_state()
+
+    def _start_masks(self, seqs: list[_Sequence], chunks: list[Chunk]):
+        """Start filling next-token masks for the constrained rows that sample after this step."""
+        rows = [seq for seq, chunk in zip(seqs, chunks) if seq.constraint is not None
+                and chunk.start + len(chunk.token_ids) >= len(seq.request.prompt_ids)]
+        if not rows:
+            return None
+        if self._mask_filler is None:
+            self._mask_filler = MaskFiller()
+        return rows, self._mask_filler.start([seq.constraint for seq in rows])
+
+    def _masks(self, pending) -> dict:
+        if pending is None:
+            return {}
+        rows, future = pending
+        try:
+            bits = future.result()
+        except Exception as exc:  # noqa: BLE001 - each row then computes its own mask (and reports)
+            log.warning("constraint mask fill failed for %d sequences: %s", len(rows), exc)
+            return {}
+        return {seq: bits[i] for i, seq in enumerate(rows)}
+
+    def _allowed(self, seq: _Sequence, allowed):
+        """The row's token mask (computed here when it was not prefetched); None: the row ended."""
+        try:
+            if allowed is None:
+                allowed = seq.constraint.allowed()
+        except Exception as exc:  # noqa: BLE001 - a library failure ends this sequence, not the loop
+            seq.constraint.error = f"constraint: {exc}"
+            allowed = None
+        if allowed is None or not allowed.any():
+            error = seq.constraint.error or seq.constraint.matcher.get_error() or "no token is allowed"
+            self._finish(seq, StopReason.ERROR, error=f"constraint: {error}" if not error.startswith("constraint")
+                         else error)
+            return None
+        return allowed
+
+    def _constraint_reason(self, seq: _Sequence, token_id: int, reason: StopReason) -> StopReason:
+        """The stop reason once the grammar has seen the sampled token."""
+        c = seq.constraint
+        if reason == StopReason.EOS_TOKEN:  # the mask allowed EOS: the output is complete
+            return reason
+        if not c.consume(token_id):
+            return StopReason.ERROR
+        if reason == StopReason.NOT_FINISHED and c.finished:
+            return StopReason.EOS_TOKEN  # complete, and nothing else may follow: stop as at EOS
+        if reason in (StopReason.MAX_TOKENS, StopReason.TOKEN_LIMIT) and not c.accepting:
+            return StopReason.CONSTRAINT_UNMET
+        return reason
 
     def _finish(self, seq: _Sequence, reason: StopReason, stop_sequence: str = "", error: str = "") -> None:
         if seq.done:
@@ -344,6 +561,9 @@ class Scheduler:
         seq.done = True
         if seq in self._running:
             self._running.remove(seq)
+        if self.prefix_cache is not None:  # the generation's end is cached before the slot goes
+            self.prefix_cache.finish(seq.seq_id, seq.request.prompt_ids + tuple(seq.output), seq.cached,
+                                     ok=reason != StopReason.ERROR)
         self.engine.release(seq.seq_id)
         self._emit_final(seq, reason, stop_sequence, error)
 
@@ -353,4 +573,11 @@ class Scheduler:
         queue = ((seq.admitted or time.monotonic()) - seq.arrival)
         seq.sink(Event("final", generated_count=len(seq.output), prompt_token_count=len(seq.request.prompt_ids),
                        seed=seq.sampler.seed, stop_reason=reason, stop_sequence=stop_sequence,
-                       queue_time_s=queue, time_to_first_token_s=ttft, error=error))
+                       queue_time_s=queue, time_to_first_token_s=ttft, error=error,
+                       cached_prompt_tokens=seq.prefix_hit))
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as one line: its class and message (MemoryError often has none)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -3,8 +3,8 @@ concurrency 1 and 8 and the per-token cost of the HTTP path.
 
 `bench_server.py`'s workload (prompts of 8 words, 32 new tokens forced with min = max, 2 requests
 per concurrent stream) sent to ONE `granite-deploy serve --http-port` process, alternately as fmaas
-GenerateStream (gRPC, one message per token) and as streamed POST /v1/completions (SSE, one chunk
-per token: ``logprobs: 0``, the same raw prompt, no chat template). Both protocols go through the
+GenerateStream (gRPC, one message per token with its logprob) and as streamed POST /v1/completions
+(SSE, one chunk per token: ``logprobs: 0``, the same raw prompt, no chat template). Both protocols go through the
 same session, scheduler and engine, so the difference is the front end.
 
 Two models in the same run:
@@ -62,6 +62,7 @@ async def grpc_request(stub, pb, prompt: str, new_tokens: int) -> dict:
     req.params.stopping.max_new_tokens = new_tokens
     req.params.stopping.min_new_tokens = new_tokens
     req.params.response.generated_tokens = True  # one message per token, even with empty text
+    req.params.response.token_logprobs = True  # the same scheduler work as HTTP's logprobs: 0
     start = time.perf_counter()
     stamps = []
     async for msg in stub.GenerateStream(req):

@@ -148,30 +148,55 @@ async def _watch_disconnect(http: HttpRequest, streams) -> None:
             return
 
 
-async def _merged(streams) -> AsyncIterator[tuple[int, list]]:
-    """(stream index, event batch) from several streams, as they come, until all finished."""
+def _ready(stream) -> list[list]:
+    """Event batches already queued on `stream` (without waiting): sent in the same write as the one
+    just received, so a client that lags behind (or a fast engine) costs one socket write, not one
+    per token. (Reads the session Stream's asyncio queue; mirrors Stream.get.)"""
+    out = []
+    queue = getattr(stream, "queue", None)
+    while queue is not None and not stream.finished and not queue.empty():
+        batch = queue.get_nowait()
+        if batch and batch[-1].kind == "final":
+            stream.finished = True
+        out.append(batch)
+    return out
+
+
+async def _merged(streams) -> AsyncIterator[list[tuple[int, list]]]:
+    """Groups of (stream index, event batch): each group is what arrived since the last one
+    (at least one batch), in order, until every stream finished."""
     if len(streams) == 1:
         s = streams[0]
         while not s.finished:
-            yield 0, await s.get()
+            first = await s.get()
+            yield [(0, first)] + [(0, b) for b in _ready(s)]
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, s):
         while not s.finished:
             await queue.put((i, await s.get()))
+            for b in _ready(s):
+                await queue.put((i, b))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     remaining = len(streams)
     try:
         while remaining:
-            i, batch = await queue.get()
-            if batch and batch[-1].kind == "final":
-                remaining -= 1
-            yield i, batch
+            group = [await queue.get()]
+            while not queue.empty():
+                group.append(queue.get_nowait())
+            remaining -= sum(1 for _, b in group if b and b[-1].kind == "final")
+            yield group
     finally:
         for t in tasks:
             t.cancel()
+
+
+def _sse(objs) -> bytes:
+    """Chunks (dicts, or the literal [DONE]) as SSE events in one payload."""
+    return b"".join(b"data: " + (o.encode() if isinstance(o, str) else p.sse_data(o).encode()) + b"\n\n"
+                    for o in objs)
 
 
 def _error_event(final) -> OpenAIError:
@@ -209,7 +234,7 @@ def _max_tokens(session: ModelSession, asked: int | None, field: str, prompt_len
     return asked
 
 
-def _constraint(r, tools: list[dict] | None):
+def _constraint(r, tools: list[dict] | None, no_tool_call: bool = False):
     """The ConstraintSpec this request asks for (None: free generation)."""
     from .constraints import ConstraintSpec
 
@@ -235,6 +260,8 @@ def _constraint(r, tools: list[dict] | None):
         return ConstraintSpec(kind="choice", choices=tuple(r.guided_choice), field="guided_choice")
     if r.guided_grammar is not None:
         return ConstraintSpec(kind="grammar", value=r.guided_grammar, field="guided_grammar")
+    if isinstance(r, ChatCompletionRequest) and r.tool_choice == "none" and tools and no_tool_call:
+        return ConstraintSpec(kind="no_tool_call", field="tool_choice")  # the tools are shown, never called
     return None
 
 
@@ -361,7 +388,7 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
         try:
             r: ChatCompletionRequest = await begin(http, call, ChatCompletionRequest)
             tools = p.tool_dicts(r.tools)
-            constraint = _constraint(r, tools)
+            constraint = _constraint(r, tools, no_tool_call=constraints_ok())
             need_constraint(constraint)
             kwargs = dict(r.chat_template_kwargs or {})
             for reserved in ("messages", "tools", "documents", "field"):
@@ -390,21 +417,23 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
     async def _chat_sse(call, streams, builders, chunk_id, created_at, model, include_usage):
         status = "CANCELLED"
         try:
-            for b in builders:
-                for choice in b.start():
-                    yield {"data": p.sse_data(p.chat_chunk(chunk_id, created_at, model, [choice], None, include_usage))}
-            async for i, batch in _merged(streams):
-                final = batch[-1] if batch[-1].kind == "final" else None
-                if final is not None and final.stop_reason == StopReason.ERROR:
-                    yield {"data": p.sse_data(_error_event(final).body())}
-                    status = 500
-                    return
-                for choice in builders[i].events(batch):
-                    yield {"data": p.sse_data(p.chat_chunk(chunk_id, created_at, model, [choice], None, include_usage))}
-            if include_usage:
-                yield {"data": p.sse_data(p.chat_chunk(chunk_id, created_at, model, [], _usage(builders),
-                                                       include_usage))}
-            yield {"data": "[DONE]"}
+            yield _sse(p.chat_chunk(chunk_id, created_at, model, [choice], None, include_usage)
+                       for b in builders for choice in b.start())
+            async for group in _merged(streams):
+                out = []
+                for i, batch in group:
+                    final = batch[-1] if batch[-1].kind == "final" else None
+                    if final is not None and final.stop_reason == StopReason.ERROR:
+                        yield _sse(out + [_error_event(final).body()])
+                        status = 500
+                        return
+                    out += [p.chat_chunk(chunk_id, created_at, model, [choice], None, include_usage)
+                            for choice in builders[i].events(batch)]
+                if out:
+                    yield _sse(out)
+            tail = [p.chat_chunk(chunk_id, created_at, model, [], _usage(builders), include_usage)] \
+                if include_usage else []
+            yield _sse(tail + ["[DONE]"])
             status = 200
         finally:
             _cancel_all(streams)
@@ -414,11 +443,12 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
         watcher = asyncio.ensure_future(_watch_disconnect(http, streams))
         collected: list[list[dict]] = [[] for _ in builders]
         try:
-            async for i, batch in _merged(streams):
-                collected[i].extend(builders[i].events(batch))
-                final = builders[i].final
-                if final is not None and final.stop_reason == StopReason.ERROR:
-                    return fail(call, _error_event(final))
+            async for group in _merged(streams):
+                for i, batch in group:
+                    collected[i].extend(builders[i].events(batch))
+                    final = builders[i].final
+                    if final is not None and final.stop_reason == StopReason.ERROR:
+                        return fail(call, _error_event(final))
         finally:
             watcher.cancel()
             _cancel_all(streams)
@@ -489,11 +519,12 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
         watcher = asyncio.ensure_future(_watch_disconnect(http, streams))
         collected: list[list[dict]] = [[] for _ in builders]
         try:
-            async for i, batch in _merged(streams):
-                collected[i].extend(builders[i].events(batch))
-                final = builders[i].final
-                if final is not None and final.stop_reason == StopReason.ERROR:
-                    return fail(call, _error_event(final))
+            async for group in _merged(streams):
+                for i, batch in group:
+                    collected[i].extend(builders[i].events(batch))
+                    final = builders[i].final
+                    if final is not None and final.stop_reason == StopReason.ERROR:
+                        return fail(call, _error_event(final))
         finally:
             watcher.cancel()
             _cancel_all(streams)
@@ -510,19 +541,21 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
     async def _completion_sse(call, streams, builders, chunk_id, created_at, model, include_usage, prompt_tokens, n):
         status = "CANCELLED"
         try:
-            async for i, batch in _merged(streams):
-                final = batch[-1] if batch[-1].kind == "final" else None
-                if final is not None and final.stop_reason == StopReason.ERROR:
-                    yield {"data": p.sse_data(_error_event(final).body())}
-                    status = 500
-                    return
-                for choice in builders[i].events(batch):
-                    yield {"data": p.sse_data(p.completion_chunk(chunk_id, created_at, model, [choice], None,
-                                                                 include_usage))}
-            if include_usage:
-                yield {"data": p.sse_data(p.completion_chunk(chunk_id, created_at, model, [],
-                                                             _usage(builders, prompt_tokens, n), include_usage))}
-            yield {"data": "[DONE]"}
+            async for group in _merged(streams):
+                out = []
+                for i, batch in group:
+                    final = batch[-1] if batch[-1].kind == "final" else None
+                    if final is not None and final.stop_reason == StopReason.ERROR:
+                        yield _sse(out + [_error_event(final).body()])
+                        status = 500
+                        return
+                    out += [p.completion_chunk(chunk_id, created_at, model, [choice], None, include_usage)
+                            for choice in builders[i].events(batch)]
+                if out:
+                    yield _sse(out)
+            tail = [p.completion_chunk(chunk_id, created_at, model, [], _usage(builders, prompt_tokens, n),
+                                       include_usage)] if include_usage else []
+            yield _sse(tail + ["[DONE]"])
             status = 200
         finally:
             _cancel_all(streams)
@@ -644,6 +677,23 @@ def ssl_kwargs(cfg: HttpConfig) -> dict:
     return out
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket. Created with proto=IPPROTO_TCP on purpose: asyncio turns Nagle off
+    (TCP_NODELAY) only on accepted sockets whose proto says TCP, and socket.create_server's proto 0
+    would leave it on, so on a kept-alive connection each streamed chunk after the first waited for
+    the client's delayed ACK (~40 ms)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class HttpServer:
     """The app on uvicorn, on the running event loop (no signal handlers of its own: the owner
     drains). ``await start()`` binds (port 0: any free port, see ``.port``) and serves."""
@@ -663,8 +713,7 @@ class HttpServer:
         tls = ssl_kwargs(cfg)
         host = cfg.host.strip("[]")
         try:
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.create_server((host, cfg.port), family=family, reuse_port=False)
+            sock = _listen(host, cfg.port)
         except OSError as exc:
             raise InvalidField("--http-port", f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         sock.setblocking(False)

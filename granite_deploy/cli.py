@@ -161,10 +161,13 @@ def _cmd_serve(args) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token=args.auth_token, model_id=args.model_id, max_new_tokens_limit=args.max_new_tokens_limit,
         max_message_bytes=args.max_message_bytes, drain_grace_s=args.grace, prefill_chunk=args.prefill_chunk,
+        prefix_cache_mb=args.prefix_cache_mb,
         strict_model_id=args.strict_model_id, adapters=_adapter_options(args.adapter),
     )
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UsageError("--prefill-chunk: must be >= 1")
+    if args.prefix_cache_mb is not None and args.prefix_cache_mb < 0:
+        raise UsageError(f"--prefix-cache-mb: must be >= 0 (0 turns the prefix cache off), got {args.prefix_cache_mb}")
     _setup_server_logging()
 
     def ready(server) -> None:
@@ -400,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens prefilled per step; bounds how long streams stall behind a new prompt "
                         "while other streams decode (default 8 on CPU, 256 on GPU; 256 when none decode)")
+    p.add_argument("--prefix-cache-mb", type=int, default=None, metavar="N",
+                   help="automatic prefix caching: MiB of cached prompt/generation state to reuse across requests "
+                        "(0: off; default: 20%% of the engine device's free memory at start, at most 8192)")
     p.add_argument("--max-message-bytes", type=int, default=16 * 1024 * 1024,
                    help="largest gRPC message received or sent (default 16 MiB)")
     p.add_argument("--model-id", default=None, help="model id clients may name (default: the artifact folder name)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Metrics:
         self.engine = engine
         self.registry = registry if registry is not None else CollectorRegistry()
         r, p, e = self.registry, prefix, ("engine",)
+        self._prefix = prefix
         self.time_to_first_token = Histogram(
             f"{p}time_to_first_token_seconds", "Seconds from request arrival to its first generated token.",
             e, registry=r, buckets=_LATENCY_BUCKETS)
@@ -94,6 +96,14 @@ class Metrics:
     def rejected(self, reason: str) -> None:
         self.rejections.labels(self.engine, reason).inc()
 
+    def watch_prefix_cache(self, cache) -> None:
+        """Export the prefix cache's counters (engines/prefix_cache.py), read at scrape time:
+        ``prefix_cache_lookup_tokens_total`` (prompt tokens looked up),
+        ``prefix_cache_hit_tokens_total`` (prompt tokens served from the cache instead of prefilled),
+        ``prefix_cache_lookups_total``, ``prefix_cache_hits_total``, ``prefix_cache_evictions_total``,
+        ``prefix_cache_bytes`` (held now) and ``prefix_cache_budget_bytes``."""
+        self.registry.register(_PrefixCacheCollector(cache, self.engine, self._prefix))
+
     # --- reading (tests, debugging) ---------------------------------------------------------
     def value(self, name: str, **labels) -> float:
         """A sample's current value (0.0 when absent), e.g. value("cancellations_total")."""
@@ -114,3 +124,30 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _PrefixCacheCollector:
+    """Reads the prefix cache's plain counters when Prometheus scrapes (the scheduler thread
+    updates them; a scrape sees each value as of some recent step)."""
+
+    _COUNTERS = (("prefix_cache_lookup_tokens", "looked_up_tokens", "Prompt tokens looked up in the prefix cache."),
+                 ("prefix_cache_hit_tokens", "hit_tokens",
+                  "Prompt tokens served from the prefix cache instead of being prefilled."),
+                 ("prefix_cache_lookups", "lookups", "Requests looked up in the prefix cache."),
+                 ("prefix_cache_hits", "hits", "Requests that reused a cached prefix."),
+                 ("prefix_cache_evictions", "evictions", "Prefix-cache entries evicted (LRU, by bytes)."))
+
+    def __init__(self, cache, engine: str, prefix: str):
+        self.cache, self.engine, self.prefix = cache, engine, prefix
+
+    def collect(self):
+        p, c = self.prefix, self.cache
+        for name, attr, doc in self._COUNTERS:
+            family = CounterMetricFamily(f"{p}{name}", doc, labels=["engine"])
+            family.add_metric([self.engine], getattr(c, attr))
+            yield family
+        for name, value, doc in ((f"{p}prefix_cache_bytes", c.bytes, "Bytes the prefix cache holds."),
+                                 (f"{p}prefix_cache_budget_bytes", c.budget, "The prefix cache's byte budget.")):
+            family = GaugeMetricFamily(name, doc, labels=["engine"])
+            family.add_metric([self.engine], value)
+            yield family

@@ -82,6 +82,9 @@ class ServerConfig:
     # behind a new prompt. None: 8 on CPU (about 0.2 s of 1B prefill on 2 cores, under one decode
     # step's worth), 256 on GPUs. With no stream decoding, prompts prefill 256 tokens a step.
     prefill_chunk: int | None = None
+    # Prefix cache budget in MiB (engines/prefix_cache.py): None sizes it from the engine device's free
+    # memory (20%, at most 8 GiB); 0 turns prefix caching off.
+    prefix_cache_mb: int | None = None
     max_seq_len: int | None = None
     engine: str = "auto"
     threads: int | None = None
@@ -331,9 +334,14 @@ class GraniteServer:
         limits = InputLimits.for_context(context_window, max_prompt_bytes=cfg.max_prompt_bytes,
                                          template_time_s=cfg.template_time_s)
         chunk = cfg.prefill_chunk or (8 if info.device == "cpu" else 256)
+        from ..engines.prefix_cache import make_prefix_cache
+
+        prefix_cache = make_prefix_cache(self.engine, cfg.prefix_cache_mb)
+        if prefix_cache is not None:
+            self.metrics.watch_prefix_cache(prefix_cache)
         self.scheduler = Scheduler(self.engine, self.tokenizer, max_queue=cfg.max_queue,
                                    max_running=cfg.max_batch, prefill_chunk=chunk, on_step=self.session.on_step,
-                                   on_fatal=self._on_fatal)
+                                   prefix_cache=prefix_cache, on_fatal=self._on_fatal)
         self.session.configure(
             self.tokenizer, self.scheduler, model_ids=self._model_ids, context_window=context_window,
             max_new_tokens_limit=limit, default_max_new_tokens=max(1, min(cfg.default_max_new_tokens, limit)),

@@ -102,6 +102,10 @@ class Engine(ABC):
     def cache_bytes(self) -> int:
         return 0
 
+    def free_memory_bytes(self) -> int | None:
+        """Free memory on the device that holds this engine's state (None: unknown)."""
+        return None
+
 
 def check_chunks(chunks: list[Chunk], cached: dict[int, int], max_seq_len: int) -> None:
     """Refuse a step the cache cannot take: unknown sequence, a gap or overlap with what is

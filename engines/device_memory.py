@@ -75,6 +75,17 @@ class HostMemory:
     def to_numpy(self, buf) -> np.ndarray:
         return buf
 
+    def free_bytes(self) -> int | None:
+        """MemAvailable from /proc/meminfo (None where there is none)."""
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
 
 class DeviceBuffer:
     """An OrtValue on a GPU with the shape/dtype/address arithmetic the engine needs."""
@@ -168,6 +179,12 @@ class CudaMemory:
 
     def to_numpy(self, buf: DeviceBuffer) -> np.ndarray:
         return buf.value.numpy()
+
+    def free_bytes(self) -> int | None:
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        if self.rt.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) != 0:
+            return None
+        return free.value
 
 
 def memory_for(provider: str):

@@ -3,22 +3,25 @@
 The cache of layer i is one buffer per K and V, [max_batch, kv_heads,
 capacity, head_dim] for the portable graph or [max_batch, kv_heads, head_dim,
 capacity] for the CPU flavour (the manifest's state record says which axis is
-the capacity); sequence s lives in row `row[s]`. Every step binds
-contiguous row ranges of these buffers as both the `past_key_values.*` input
-and the `present.*` output through IO binding, so the graph's TensorScatter
-writes the new keys/values in place and nothing copies the cache per token.
+the capacity); sequence s lives in a row of the shared slot table
+(`slots.SlotTable`: rows, lengths, compaction moves, the calls of a step). Every
+call binds a contiguous row range of these buffers as both the
+`past_key_values.*` input and the `present.*` output through IO binding, so the
+graph's TensorScatter writes the new keys/values in place and nothing copies the
+cache per token. The buffers live on the provider's device (`device_memory`:
+numpy on the CPU provider, ONNX Runtime-allocated GPU memory bound by address on
+the CUDA provider), so on a GPU only ids, positions and logits cross the bus.
 
-Decodes of all running sequences go in one call over rows [0, n); each
-prefill chunk is its own call over its single row (so decode rows are never
-padded to a prompt's length). Rows are kept compact: when a sequence leaves,
-the last row moves into its place (a copy of that sequence's filled positions
-only, once per finished request), so a decode call never reads dead rows.
-Capacity grows in blocks as sequences get longer, so attention reads only
-about as much cache as is in use.
+This module only runs the calls the slot table plans and copies the rows it
+says to move. Capacity grows in blocks as sequences get longer (and shrinks when
+long ones leave), so attention reads only about as much cache as is in use.
 
 Hybrid (Mamba2) models add fixed-size per-sequence state (`conv`, `ssm`)
 listed in the manifest's `state` record: same rows, zeroed when a slot is
 reserved, and decode calls then cover only rows that really decode.
+
+For the prefix cache the engine copies a sequence's KV positions or recurrent
+state out (`save_kv`, `save_recurrent`) and into a fresh slot (`restore`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import CACHE_CAPACITY, DECODER, DECODER_CPU, graph_path, load_manifest
-from .base import CacheFull, Chunk, Engine, EngineError, EngineInfo, check_chunks
+from .base import CacheFull, Chunk, Engine, EngineError, EngineInfo, StateSnapshot
+from .device_memory import memory_for
+from .slots import Call, Move, SlotTable, blocks
 
 log = logging.getLogger(__name__)
 CAPACITY_BLOCK = 256
@@ -98,26 +103,35 @@ class OnnxRuntimeEngine(Engine):
             str(graph_path(self.artifact, manifest, self.graph_name)), _session_options(threads), providers=[provider]
         )
         self._input_names = {i.name for i in self.session.get_inputs()}
+        self.memory = memory_for(provider)
         self.capacity = 0
-        self._buffers: dict[str, np.ndarray] = {}  # state input name -> [max_batch, ...]
-        self._scratch: dict[str, np.ndarray] = {}  # outputs that cannot be written in place
+        self._axis = {st["input"]: (st["shape"].index(CACHE_CAPACITY) if st["kind"] == "kv" else None)
+                      for st in self.states}
+        self._buffers: dict = {}  # state input name -> [max_batch, ...] on the provider's device
+        self._scratch: dict = {}  # outputs that cannot be written in place
         for st in self.states:
             if st["kind"] != "kv":
                 shape = (max_batch, *st["shape"])
-                self._buffers[st["input"]] = np.zeros(shape, st["dtype"])
+                self._buffers[st["input"]] = self.memory.zeros(shape, st["dtype"])
                 if not st["in_place"]:
-                    self._scratch[st["input"]] = np.zeros(shape, st["dtype"])
-        self._row: dict[int, int] = {}  # seq_id -> row
-        self._length: dict[int, int] = {}  # seq_id -> tokens cached
+                    self._scratch[st["input"]] = self.memory.zeros(shape, st["dtype"])
+        self.slots = SlotTable(max_batch)
         device = "cuda:0" if provider.startswith("CUDA") else "cpu"
         self.info = EngineInfo("onnxruntime", device, record.get("precision", "fp32"), max_batch,
                                self.max_seq_len, arch["vocab_size"], reason)
         self._grow(min(CAPACITY_BLOCK, self.max_seq_len))
 
+    supports_snapshots = True
+    supports_all_logits = True  # Chunk.all_logits: the graph's num_logits_to_keep left at 0
+
+    @property
+    def recurrent(self) -> bool:
+        return self._recurrent
+
     # --- cache management ---------------------------------------------------------------
     def _grow(self, needed: int) -> None:
         """KV buffers get capacity in whole blocks; existing rows are copied once."""
-        new_cap = min(self.max_seq_len, -(-needed // CAPACITY_BLOCK) * CAPACITY_BLOCK)
+        new_cap = blocks(needed, CAPACITY_BLOCK, self.max_seq_len)
         if new_cap > self.capacity:
             self._resize(new_cap)
 
@@ -125,138 +139,163 @@ class OnnxRuntimeEngine(Engine):
         """Attention reads the whole capacity every step, so give back capacity that long
         sequences left behind once the live ones fit in half of it (amortised: one copy
         of the live rows per halving)."""
-        needed = -(-(max(self._length.values(), default=0) + 1) // CAPACITY_BLOCK) * CAPACITY_BLOCK
+        needed = blocks(self.slots.longest() + 1, CAPACITY_BLOCK, 1 << 62)
         if self.capacity > CAPACITY_BLOCK and needed * 2 <= self.capacity:
             self._resize(max(needed, CAPACITY_BLOCK))
 
     def _resize(self, new_cap: int) -> None:
         keep = min(new_cap, self.capacity)
-        rows = len(self._row)
         for st in self.states:
             if st["kind"] == "kv":
-                new = np.zeros((self.max_batch, *[new_cap if d == CACHE_CAPACITY else d for d in st["shape"]]),
-                               st["dtype"])
-                if keep:
-                    part = (slice(0, rows), *first_positions(st, keep))
-                    new[part] = self._buffers[st["input"]][part]
+                new = self.memory.zeros(self._kv_shape(st, self.max_batch, new_cap), st["dtype"])
+                old = self._buffers.get(st["input"])
+                if keep and old is not None:
+                    for seq, row in self.slots.rows.items():
+                        n = min(keep, self.slots.lengths[seq])
+                        if n:
+                            self.memory.copy(new, row, old, row, self._axis[st["input"]], n)
                 self._buffers[st["input"]] = new
         self.capacity = new_cap
 
+    @staticmethod
+    def _kv_shape(st: dict, rows: int, capacity: int) -> tuple:
+        return (rows, *[capacity if d == CACHE_CAPACITY else d for d in st["shape"]])
+
     def reserve(self, seq_id: int) -> None:
-        if seq_id in self._row:
-            raise EngineError(f"sequence {seq_id} already has a cache slot")
-        if len(self._row) >= self.max_batch:
-            raise CacheFull(f"all {self.max_batch} cache slots are in use")
-        row = len(self._row)
-        self._row[seq_id] = row
-        self._length[seq_id] = 0
+        row = self.slots.reserve(seq_id)
         for st in self.states:  # a reused slot starts from zero state (KV rows are masked instead)
             if st["kind"] != "kv":
-                self._buffers[st["input"]][row] = 0
+                self.memory.zero_row(self._buffers[st["input"]], row)
 
     def release(self, seq_id: int) -> None:
-        row = self._row.pop(seq_id, None)
-        if row is None:
+        if seq_id not in self.slots:
             return
-        self._length.pop(seq_id)
-        last = len(self._row)  # the highest row still in use, before compaction
-        if row != last:
-            mover = next(s for s, r in self._row.items() if r == last)
-            n = self._length[mover]
-            for st in self.states:
-                buf = self._buffers[st["input"]]
-                if st["kind"] == "kv":
-                    filled = first_positions(st, n)  # only the filled positions
-                    buf[(row, *filled)] = buf[(last, *filled)]
-                else:
-                    buf[row] = buf[last]
-            self._row[mover] = row
+        move = self.slots.release(seq_id)
+        if move is not None:
+            self._copy_row(move)
         self._maybe_shrink()
 
-    # --- running --------------------------------------------------------------------------
-    def _run(self, rows: slice, ids: np.ndarray, positions: np.ndarray, keep_last: bool) -> np.ndarray:
-        import onnxruntime as ort
+    def _copy_row(self, move: Move) -> None:
+        for st in self.states:
+            buf = self._buffers[st["input"]]
+            axis = self._axis[st["input"]]
+            if axis is None:
+                self.memory.copy(buf, move.dst, buf, move.src, None)
+            elif move.length:  # only the filled positions
+                self.memory.copy(buf, move.dst, buf, move.src, axis, move.length)
 
+    # --- prefix-cache snapshots -------------------------------------------------------------
+    def save_kv(self, seq_id: int, start: int, end: int) -> StateSnapshot:
+        row, n = self.slots.rows[seq_id], end - start
+        if not 0 <= start < end <= self.slots.lengths[seq_id]:
+            raise EngineError(f"sequence {seq_id}: no cached positions [{start}, {end})")
+        buffers, nbytes = {}, 0
+        for st in self.states:
+            if st["kind"] == "kv":
+                snap = self.memory.zeros(self._kv_shape(st, 1, n), st["dtype"])
+                self.memory.copy(snap, 0, self._buffers[st["input"]], row, self._axis[st["input"]], n, src_start=start)
+                buffers[st["input"]] = snap
+                nbytes += self.memory.nbytes(snap)
+        return StateSnapshot("kv", start, end, buffers, nbytes)
+
+    def save_recurrent(self, seq_id: int) -> StateSnapshot | None:
+        if not self._recurrent:
+            return None
+        row, buffers, nbytes = self.slots.rows[seq_id], {}, 0
+        for st in self.states:
+            if st["kind"] != "kv":
+                snap = self.memory.zeros((1, *st["shape"]), st["dtype"])
+                self.memory.copy(snap, 0, self._buffers[st["input"]], row, None)
+                buffers[st["input"]] = snap
+                nbytes += self.memory.nbytes(snap)
+        n = self.slots.lengths[seq_id]
+        return StateSnapshot("recurrent", n, n, buffers, nbytes)
+
+    def restore(self, seq_id: int, length: int, kv: list[StateSnapshot], recurrent: StateSnapshot | None) -> None:
+        if seq_id not in self.slots or self.slots.lengths[seq_id]:
+            raise EngineError(f"sequence {seq_id}: restore needs a freshly reserved slot")
+        if length > self.max_seq_len:
+            raise CacheFull(f"sequence {seq_id} would exceed {self.max_seq_len} tokens")
+        if self._recurrent and (recurrent is None or recurrent.end != length):
+            raise EngineError(f"sequence {seq_id}: recurrent state must be restored at exactly {length} tokens")
+        covered = 0
+        for seg in sorted(kv, key=lambda s: s.start):
+            if seg.start > covered:
+                break
+            covered = max(covered, seg.end)
+        if covered < length:
+            raise EngineError(f"sequence {seq_id}: cached KV covers {covered} of {length} positions")
+        self._grow(length + 1)
+        row = self.slots.rows[seq_id]
+        for seg in kv:
+            n = min(seg.end, length) - seg.start
+            if n <= 0:
+                continue
+            for st in self.states:
+                if st["kind"] == "kv":
+                    self.memory.copy(self._buffers[st["input"]], row, seg.buffers[st["input"]], 0,
+                                     self._axis[st["input"]], n, dst_start=seg.start)
+        if recurrent is not None:
+            for name, snap in recurrent.buffers.items():
+                self.memory.copy(self._buffers[name], row, snap, 0, None)
+        self.slots.set_length(seq_id, length)
+
+    # --- running --------------------------------------------------------------------------
+    def _run(self, call: Call, keep_last: bool = True) -> np.ndarray:
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
-        binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("position_ids", positions)
-        if keep_last and "num_logits_to_keep" in self._input_names:
+        binding.bind_cpu_input("input_ids", call.input_ids)
+        binding.bind_cpu_input("position_ids", call.position_ids)
+        if keep_last and "num_logits_to_keep" in self._input_names:  # unbound: 0 = every position
             binding.bind_cpu_input("num_logits_to_keep", np.array(1, np.int64))
         copy_back = []
         for st in self.states:
-            # A row range of a C-contiguous buffer is contiguous: wrap it without a copy.
-            # Bound as both input and output, the graph updates it in place (TensorScatter
-            # for KV; the conv window). Outputs that read their input after writing would
-            # be unsafe to alias, so those go to scratch rows and are copied back.
-            view = self._buffers[st["input"]][rows]
-            value = ort.OrtValue.ortvalue_from_numpy(view)
-            binding.bind_ortvalue_input(st["input"], value)
+            # Bound as both input and output, the graph updates the rows in place (TensorScatter
+            # for KV; the conv window). Outputs that read their input after writing would be
+            # unsafe to alias, so those go to scratch rows and are copied back.
+            buf = self._buffers[st["input"]]
             if st["in_place"]:
-                binding.bind_ortvalue_output(st["output"], value)
+                self.memory.bind(binding, st["input"], buf, call.rows, st["output"])
             else:
-                scratch = self._scratch[st["input"]][rows]
-                binding.bind_ortvalue_output(st["output"], ort.OrtValue.ortvalue_from_numpy(scratch))
-                copy_back.append((view, scratch))
+                scratch = self._scratch[st["input"]]
+                self.memory.bind(binding, st["input"], buf, call.rows, st["output"], out_buf=scratch)
+                copy_back.append((buf, scratch))
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
             raise EngineError(f"ONNX Runtime step failed: {exc}") from exc
-        for view, scratch in copy_back:
-            np.copyto(view, scratch)
+        for buf, scratch in copy_back:
+            for row in range(call.lo, call.hi):
+                self.memory.copy(buf, row, scratch, row, None)
         return binding.get_outputs()[0].numpy()
 
     def step(self, chunks: list[Chunk]) -> np.ndarray:
         if not chunks:
             return np.zeros((0, self.info.vocab_size), np.float32)
-        check_chunks(chunks, self._length, self.max_seq_len)
-        self._grow(max(c.start + len(c.token_ids) for c in chunks))
+        # Grow first, also past every idle row's length: the dummy write a KV-only decode call
+        # makes at an idle row's first free position must land inside the capacity.
+        self._grow(max(max(c.start + len(c.token_ids) for c in chunks), self.slots.longest() + 1))
+        calls = self.slots.plan(chunks, self.capacity, self.max_seq_len, self._recurrent)
         out = np.empty((len(chunks), self.info.vocab_size), np.float32)
-
-        decodes = sorted((i for i, c in enumerate(chunks) if len(c.token_ids) == 1),
-                         key=lambda i: self._row[chunks[i].seq_id])
-        for lo, hi, members in self._decode_calls(decodes, chunks):
-            ids = np.zeros((hi - lo, 1), np.int64)
-            # Rows without a decode this step (KV-only models) get a harmless write at
-            # their first free position, which a later step overwrites before reading.
-            pos = np.zeros((hi - lo, 1), np.int64)
-            for seq, row in self._row.items():
-                if lo <= row < hi:
-                    pos[row - lo, 0] = min(self._length[seq], self.capacity - 1)
-            for i in members:
-                c = chunks[i]
-                row = self._row[c.seq_id] - lo
-                ids[row, 0], pos[row, 0] = c.token_ids[0], c.start
-            logits = self._run(slice(lo, hi), ids, pos, keep_last=True)
-            for i in members:
-                out[i] = logits[self._row[chunks[i].seq_id] - lo, -1]
+        self.chunk_logits = {}  # Chunk.all_logits (tgis prompt logprobs): seq_id -> [tokens, vocab]
+        for call in calls:
+            want_all = not call.decode and chunks[call.members[0]].all_logits
+            logits = self._run(call, keep_last=not want_all)
+            for i, r in zip(call.members, call.member_rows):
+                out[i] = logits[r, -1]
+            if want_all:
+                self.chunk_logits[chunks[call.members[0]].seq_id] = np.array(logits[0], np.float32)
         for i, c in enumerate(chunks):
-            if len(c.token_ids) > 1:
-                row = self._row[c.seq_id]
-                ids = np.asarray(c.token_ids, np.int64)[None]
-                pos = np.arange(c.start, c.start + len(c.token_ids), dtype=np.int64)[None]
-                out[i] = self._run(slice(row, row + 1), ids, pos, keep_last=True)[0, -1]
-        for c in chunks:
-            self._length[c.seq_id] = c.start + len(c.token_ids)
+            if c.all_logits and len(c.token_ids) == 1:
+                self.chunk_logits[c.seq_id] = out[i][None].copy()
+        self.slots.advance(chunks)
         return out
 
-    def _decode_calls(self, decodes: list[int], chunks: list[Chunk]):
-        """Row ranges for the decode calls: one call over rows [0, last] for KV-only models;
-        for recurrent state, one call per run of consecutive decoding rows."""
-        if not decodes:
-            return []
-        rows = [self._row[chunks[i].seq_id] for i in decodes]
-        if not self._recurrent:
-            return [(0, rows[-1] + 1, decodes)]
-        calls, start = [], 0
-        for k in range(1, len(rows) + 1):
-            if k == len(rows) or rows[k] != rows[k - 1] + 1:
-                calls.append((rows[start], rows[k - 1] + 1, decodes[start:k]))
-                start = k
-        return calls
-
     def cache_bytes(self) -> int:
-        return sum(b.nbytes for b in self._buffers.values())
+        return sum(self.memory.nbytes(b) for b in self._buffers.values())
+
+    def free_memory_bytes(self) -> int | None:
+        return self.memory.free_bytes()
 
 
 def state_specs(graph: dict) -> list[dict]:

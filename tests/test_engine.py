@@ -268,3 +268,24 @@ def test_cpu_engine_runs_the_cpu_flavour_and_both_graphs_agree(artifact):
 def test_unknown_graph_is_named(artifact):
     with pytest.raises(EngineError, match="no graph 'decoder_gpu'"):
         OnnxRuntimeEngine(artifact, graph="decoder_gpu")
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_cpu_path_binds_the_state_buffers_in_place(artifact, graph):
+    """The CPU provider keeps KV in numpy buffers that the graph writes through IO binding:
+    after steps the same buffers (same address) hold the new positions of the right rows only."""
+    engine = OnnxRuntimeEngine(artifact, max_batch=3, threads=1, graph=graph)
+    name = next(st["input"] for st in engine.states if st["kind"] == "kv")
+    axis = engine._axis[name]
+    before = {k: v.ctypes.data for k, v in engine._buffers.items()}
+    engine.reserve(0)
+    engine.reserve(1)
+    engine.step([Chunk(1, (5, 6, 7, 8), 0)])
+    engine.step([Chunk(0, (9, 10), 0), Chunk(1, (11,), 4)])
+    assert {k: v.ctypes.data for k, v in engine._buffers.items()} == before
+    buf = engine._buffers[name]
+    filled = np.moveaxis(buf, axis + 1, 1)  # [rows, positions, ...]
+    assert np.abs(filled[1, :5]).min(axis=tuple(range(1, filled.ndim - 1))).all()
+    assert np.abs(filled[0, :2]).sum() > 0 and not filled[2].any()
+    # decode wrote only row 1's position 4 (row 0's dummy write at position 0 is overwritten by its prefill)
+    assert not filled[1, 5:].any() and not filled[0, 3:].any()

@@ -100,3 +100,76 @@ def test_host_memory_copies_the_first_positions_of_either_cache_layout(shape, ax
     mem.copy(snap, 0, src, 0, axis, 3, src_start=2)
     part = tuple(slice(2, 5) if d == axis else slice(None) for d in range(len(shape)))
     np.testing.assert_array_equal(snap[0], src[0][part])
+
+
+class _FakeValue:  # an "OrtValue on the GPU" backed by host memory, for the address arithmetic
+    def __init__(self, array):
+        self.array = array
+
+    def data_ptr(self):
+        return self.array.ctypes.data
+
+    def numpy(self):
+        return self.array
+
+
+class _FakeCudaRuntime:  # cudaMemcpy2D / cudaMemset semantics over host addresses
+    def cudaMemcpy2D(self, dst, dpitch, src, spitch, width, height, kind):
+        import ctypes
+
+        assert kind == 3 and width <= dpitch and width <= spitch
+        for h in range(height):
+            ctypes.memmove(dst + h * dpitch, src + h * spitch, width)
+        return 0
+
+    def cudaMemset(self, ptr, value, count):
+        import ctypes
+
+        ctypes.memset(ptr, value, count)
+        return 0
+
+    def cudaDeviceSynchronize(self):
+        return 0
+
+
+@pytest.mark.parametrize("shape, axis", [((2, 8, 3), 1), ((2, 3, 8), 2)])
+def test_cuda_memory_address_arithmetic_matches_host_copies(shape, axis):
+    """The CUDA path (no GPU here): the same copies and bindings as the host path, with cudaMemcpy2D
+    and pointer offsets simulated over host memory."""
+    from granite_deploy.engines.device_memory import CudaMemory, DeviceBuffer
+
+    cuda, host = CudaMemory(), HostMemory()
+    cuda._rt = _FakeCudaRuntime()
+    src = np.arange(2 * np.prod(shape), dtype=np.float32).reshape(2, *shape)
+    d_src = DeviceBuffer(_FakeValue(src.copy()), src.shape, np.float32)
+    d_dst = DeviceBuffer(_FakeValue(np.zeros((3, *shape), np.float32)), (3, *shape), np.float32)
+    h_dst = host.zeros((3, *shape), np.float32)
+    for args in [(2, 1, axis, 5), (0, 0, None, 0)]:
+        cuda.copy(d_dst, args[0], d_src, *args[1:])
+        host.copy(h_dst, args[0], src, *args[1:])
+    np.testing.assert_array_equal(d_dst.value.array, h_dst)
+    snap_shape = tuple(3 if d == axis else n for d, n in enumerate(shape))
+    d_snap = DeviceBuffer(_FakeValue(np.zeros((1, *snap_shape), np.float32)), (1, *snap_shape), np.float32)
+    h_snap = host.zeros((1, *snap_shape), np.float32)
+    cuda.copy(d_snap, 0, d_src, 1, axis, 3, src_start=4)
+    host.copy(h_snap, 0, src, 1, axis, 3, src_start=4)
+    np.testing.assert_array_equal(d_snap.value.array, h_snap)
+    cuda.copy(d_dst, 1, d_snap, 0, axis, 3, dst_start=2)
+    host.copy(h_dst, 1, h_snap, 0, axis, 3, dst_start=2)
+    np.testing.assert_array_equal(d_dst.value.array, h_dst)
+    cuda.zero_row(d_dst, 2)
+    assert not d_dst.value.array[2].any() and d_dst.value.array[1].any()
+
+    bound = []
+
+    class Binding:
+        def bind_input(self, name, device, device_id, dtype, shape, ptr):
+            bound.append(("in", name, device, tuple(shape), ptr))
+
+        def bind_output(self, name, device, device_id, dtype, shape, ptr):
+            bound.append(("out", name, device, tuple(shape), ptr))
+
+    cuda.bind(Binding(), "past", d_dst, slice(1, 3), "present")
+    row_bytes = int(np.prod(shape)) * 4
+    assert bound == [("in", "past", "cuda", (2, *shape), d_dst.ptr + row_bytes),
+                     ("out", "present", "cuda", (2, *shape), d_dst.ptr + row_bytes)]

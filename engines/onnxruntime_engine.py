@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import CACHE_CAPACITY, DECODER, DECODER_CPU, graph_path, load_manifest
+from ..manifest import KV_LAYOUT_IN_PLACE, GraphRecord
 from .base import CacheFull, Chunk, Engine, EngineError, EngineInfo, StateSnapshot
 from .device_memory import memory_for
 from .slots import Call, Move, SlotTable, blocks
@@ -81,18 +82,18 @@ class OnnxRuntimeEngine(Engine):
 
         self.artifact = Path(artifact)
         manifest = load_manifest(self.artifact)
-        arch = manifest["architecture"]
-        graphs = manifest["graphs"]
+        arch = manifest.architecture
+        graphs = manifest.graphs
         if graph is None:
             graph = DECODER_CPU if provider == "CPUExecutionProvider" and DECODER_CPU in graphs else DECODER
         if graph not in graphs:
             raise EngineError(f"{self.artifact}: manifest has no graph {graph!r} (it has {', '.join(graphs)})")
         self.graph_name = graph
         record = graphs[graph]
-        if record.get("kv_cache", {}).get("kind") != "fixed_capacity_in_place":
-            raise EngineError(f"{self.artifact}: {graph} graph has cache layout {record.get('kv_cache')}, "
-                              "this engine needs 'fixed_capacity_in_place'")
-        context = int(manifest.get("context_length") or arch["max_position_embeddings"])
+        if record.kv_layout != KV_LAYOUT_IN_PLACE:
+            raise EngineError(f"{self.artifact}: {graph} graph has cache layout {dict(record.kv_cache)}, "
+                              f"this engine needs {KV_LAYOUT_IN_PLACE!r}")
+        context = manifest.context_length
         self.max_seq_len = min(max_seq_len or context, context)
         self.max_batch = max_batch
         self.states = state_specs(record)
@@ -117,8 +118,8 @@ class OnnxRuntimeEngine(Engine):
                     self._scratch[st["input"]] = self.memory.zeros(shape, st["dtype"])
         self.slots = SlotTable(max_batch)
         device = "cuda:0" if provider.startswith("CUDA") else "cpu"
-        self.info = EngineInfo("onnxruntime", device, record.get("precision", "fp32"), max_batch,
-                               self.max_seq_len, arch["vocab_size"], reason)
+        self.info = EngineInfo("onnxruntime", device, record.precision, max_batch,
+                               self.max_seq_len, arch.vocab_size, reason)
         self._grow(min(CAPACITY_BLOCK, self.max_seq_len))
 
     supports_snapshots = True
@@ -298,23 +299,10 @@ class OnnxRuntimeEngine(Engine):
         return self.memory.free_bytes()
 
 
-def state_specs(graph: dict) -> list[dict]:
-    """The per-sequence state tensors of a decoder graph, from its manifest record.
-
-    Artifacts list them under "state"; otherwise every `past_key_values.*` input
-    is a KV cache written in place (the dense layout in export/io_spec.py).
-    """
-    if "state" in graph:
-        return [{**st, "shape": tuple(st["shape"]), "dtype": np.dtype(_np_dtype(st["dtype"]))} for st in graph["state"]]
-    specs = []
-    for spec in graph["inputs"]:
-        if spec["name"].startswith("past_key_values."):
-            _, layer, part = spec["name"].split(".")
-            shape = spec["shape"]
-            specs.append({"input": spec["name"], "output": f"present.{layer}.{part}", "kind": "kv",
-                          "shape": (shape[1], shape[2], shape[3]), "dtype": np.dtype(_np_dtype(spec["dtype"])),
-                          "in_place": True})
-    return specs
+def state_specs(graph: GraphRecord) -> list[dict]:
+    """The per-sequence state tensors of a decoder graph (its manifest record's typed `state`), as the
+    dicts this engine indexes, with numpy dtypes."""
+    return [{**st.to_dict(), "shape": st.shape, "dtype": np.dtype(_np_dtype(st.dtype))} for st in graph.state]
 
 
 def first_positions(state: dict, n: int) -> tuple:

@@ -32,27 +32,28 @@ import numpy as np
 
 from ..artifact import load_manifest
 from .base import CacheFull, Chunk, Engine, EngineError, EngineInfo, check_chunks
-from .tensorrt_build import DECODE, PLANS_KEY, PREFILL, current_runtime, plan_compatibility
+from ..manifest import PlanRecord
+from .tensorrt_build import DECODE, PREFILL, current_runtime, plan_compatibility
 
 log = logging.getLogger(__name__)
 
 
-def select_plan(artifact: str | Path, runtime: dict | None = None) -> tuple[dict | None, str]:
+def select_plan(artifact: str | Path, runtime: dict | None = None) -> tuple[PlanRecord | None, str]:
     """(build record of a plan that runs here, why) or (None, why not). Imports no GPU library itself
     beyond what `current_runtime` probes (tests pass `runtime` to simulate a machine)."""
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
-    plans = manifest.get(PLANS_KEY) or []
+    plans = manifest.plans
     if not plans:
         return None, "the artifact has no TensorRT plan (build one with `granite-deploy build` on a GPU machine)"
     runtime = runtime if runtime is not None else current_runtime()
     reasons = []
     for record in plans:
         problems = plan_compatibility(record, runtime)
-        if not problems and not (artifact / record["file"]).is_file():
-            problems = [f"{record['file']} is listed in the manifest but missing"]
+        if not problems and not (artifact / record.file).is_file():
+            problems = [f"{record.file} is listed in the manifest but missing"]
         if not problems:
-            return record, (f"TensorRT plan {record['file']} matches this machine (TensorRT "
+            return record, (f"TensorRT plan {record.file} matches this machine (TensorRT "
                             f"{runtime['tensorrt']}, {runtime['gpu']}, compute capability "
                             f"{runtime['compute_capability']})")
         reasons += problems
@@ -66,7 +67,7 @@ class TensorRTEngine(Engine):
         max_batch: int = 8,
         max_seq_len: int | None = None,
         reason: str = "",
-        plan: dict | None = None,
+        plan: PlanRecord | None = None,
     ):
         self.artifact = Path(artifact)
         manifest = load_manifest(self.artifact)
@@ -82,29 +83,29 @@ class TensorRTEngine(Engine):
         import tensorrt as trt
         import torch
 
-        arch = manifest["architecture"]
-        graph = manifest["graphs"]["decoder"]
-        self.num_layers = arch["num_layers"]
-        self.kv_heads = arch["num_kv_heads"]
-        self.head_dim = arch["head_dim"]
-        self.capacity = int(plan["cache_capacity"])
-        self.max_batch = min(max_batch, int(plan["max_batch"]))
+        arch = manifest.architecture
+        graph = manifest.graph(plan.graph)
+        self.num_layers = arch.num_layers
+        self.kv_heads = arch.num_kv_heads
+        self.head_dim = arch.head_dim
+        self.capacity = plan.cache_capacity
+        self.max_batch = min(max_batch, plan.max_batch)
         if max_batch > self.max_batch:
-            log.warning("TensorRT plan %s allows at most batch %d (asked %d)", plan["file"], self.max_batch, max_batch)
+            log.warning("TensorRT plan %s allows at most batch %d (asked %d)", plan.file, self.max_batch, max_batch)
         self.max_seq_len = min(max_seq_len or self.capacity, self.capacity)
-        cache_dtype = next(s["dtype"] for s in graph["inputs"] if s["name"].startswith("past_"))
+        cache_dtype = next(st.dtype for st in graph.state if st.kind == "kv")
         torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cache_dtype]
         self._torch = torch
         self.device = torch.device("cuda", torch.cuda.current_device())
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        data = (self.artifact / plan["file"]).read_bytes()
+        data = (self.artifact / plan.file).read_bytes()
         self._engine = self._runtime.deserialize_cuda_engine(data)
         if self._engine is None:
-            raise EngineError(f"{self.artifact / plan['file']}: TensorRT could not deserialize the plan")
+            raise EngineError(f"{self.artifact / plan.file}: TensorRT could not deserialize the plan")
         self._stream = torch.cuda.Stream(device=self.device)
-        index = {p["name"]: p["index"] for p in plan["profiles"]}
+        index = {p.name: p.index for p in plan.profiles}
         self._contexts = {}
         for name in (PREFILL, DECODE):
             ctx = self._engine.create_execution_context()
@@ -117,7 +118,7 @@ class TensorRTEngine(Engine):
         shape = (self.max_batch, self.kv_heads, self.capacity, self.head_dim)
         self._keys = [torch.zeros(shape, dtype=torch_dtype, device=self.device) for _ in range(self.num_layers)]
         self._values = [torch.zeros(shape, dtype=torch_dtype, device=self.device) for _ in range(self.num_layers)]
-        self._logits = torch.empty((self.max_batch, 1, arch["vocab_size"]), dtype=torch.float32, device=self.device)
+        self._logits = torch.empty((self.max_batch, 1, arch.vocab_size), dtype=torch.float32, device=self.device)
         self._names = [
             (f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key", f"present.{i}.value")
             for i in range(self.num_layers)
@@ -125,8 +126,8 @@ class TensorRTEngine(Engine):
         self._row: dict[int, int] = {}
         self._length: dict[int, int] = {}
         self.plan = plan
-        self.info = EngineInfo("tensorrt", str(self.device), plan.get("precision", graph.get("precision", "fp32")),
-                               self.max_batch, self.max_seq_len, arch["vocab_size"], reason)
+        self.info = EngineInfo("tensorrt", str(self.device), plan.precision,
+                               self.max_batch, self.max_seq_len, arch.vocab_size, reason)
 
     # --- slots -----------------------------------------------------------------------------------
     def reserve(self, seq_id: int) -> None:
@@ -173,7 +174,7 @@ class TensorRTEngine(Engine):
                 ctx.set_tensor_address(present_v, vp)
             if not ok:
                 raise EngineError(f"TensorRT: shapes {tuple(ids.shape)} / cache {cache_shape} are outside the "
-                                  f"{profile} profile of {self.plan['file']}")
+                                  f"{profile} profile of {self.plan.file}")
             ctx.set_tensor_address("logits", self._logits.data_ptr())
             if not ctx.execute_async_v3(self._stream.cuda_stream):
                 raise EngineError("TensorRT step failed (execute_async_v3 returned False; see its log)")

@@ -31,7 +31,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .io_spec import CACHE_CAPACITY, state_records
+from ..errors import GraniteDeployError
+from .io_spec import INPUT_IDS, POSITION_IDS, state_records
 
 DEFAULT_THRESHOLDS = {
     "int8": {"max_ppl_increase": 0.02, "min_greedy_agreement": 0.90},
@@ -97,8 +98,10 @@ in two of its supports, and to revisit the other proposals in the spring when th
 """
 
 
-class GateError(ValueError):
-    """The gate cannot run as asked (bad thresholds, text too short)."""
+class GateError(GraniteDeployError, ValueError):
+    """The gate cannot run as asked (bad thresholds, text too short): bad input, exit 2."""
+
+    exit_code = 2
 
 
 def thresholds_for(method: str, overrides: dict | None = None) -> dict:
@@ -146,16 +149,16 @@ class _State:
 
     def __init__(self, session, arch, batch: int, capacity: int):
         self.records = state_records(arch)
-        self.tensors = {st["input"]: np.zeros((batch, *[capacity if d == CACHE_CAPACITY else d for d in st["shape"]]),
-                                              np.dtype(st["dtype"])) for st in self.records}
+        self.tensors = {st.input: np.zeros((batch, *st.row_shape(capacity)),
+                                              np.dtype(st.dtype)) for st in self.records}
         self.session = session
         self.out_names = [o.name for o in session.get_outputs()]
 
     def step(self, ids: np.ndarray, pos: np.ndarray, rows=slice(None)) -> np.ndarray:
-        feeds = {"input_ids": ids, "position_ids": pos, **{k: v[rows] for k, v in self.tensors.items()}}
+        feeds = {INPUT_IDS: ids, POSITION_IDS: pos, **{k: v[rows] for k, v in self.tensors.items()}}
         results = dict(zip(self.out_names, self.session.run(None, feeds)))
         for st in self.records:
-            self.tensors[st["input"]][rows] = results[st["output"]]
+            self.tensors[st.input][rows] = results[st.output]
         return np.asarray(results["logits"], np.float32)
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ..errors import GraniteDeployError
+from ..manifest import Architecture
 
 SUPPORTED_MODEL_TYPES = ("granitemoehybrid", "granite")
 SUPPORTED_TEXT = (
@@ -22,51 +24,14 @@ ATTENTION_LAYER_NAMES = ("attention", "full_attention")
 MAMBA_LAYER_NAMES = ("mamba", "linear_attention")
 
 
-class CheckpointError(ValueError):
-    """The checkpoint cannot be exported; the message says what was found and what is supported."""
+class CheckpointError(GraniteDeployError, ValueError):
+    """The checkpoint cannot be exported; the message says what was found and what is supported (exit 2)."""
+
+    exit_code = 2
 
 
-@dataclass(frozen=True)
-class GraniteArch:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    embedding_multiplier: float
-    attention_multiplier: float
-    residual_multiplier: float
-    logits_scaling: float
-    tie_word_embeddings: bool
-    bos_token_id: int | None
-    eos_token_id: int | list[int] | None
-    pad_token_id: int | None
-    layer_types: tuple[str, ...] = ()  # "attention" or "mamba" per layer
-    rope: bool = True  # False: NoPE (Granite 4.0 H)
-    mamba: dict | None = None  # Mamba2 dimensions (see mamba_dims below) when any layer is Mamba
-
-    @property
-    def attention_layers(self) -> list[int]:
-        return [i for i, t in enumerate(self.layer_types) if t == "attention"]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GraniteArch":
-        """From a manifest's `architecture` record (keys this version does not know are ignored)."""
-        from dataclasses import fields
-
-        kwargs = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        if "layer_types" in kwargs:
-            kwargs["layer_types"] = tuple(kwargs["layer_types"] or ())
-        return cls(**kwargs)
+# The architecture record is one type from checkpoint to manifest to engine (granite_deploy/manifest.py).
+GraniteArch = Architecture
 
 
 def _read_json_lenient(path: Path) -> dict:
@@ -91,6 +56,46 @@ def read_config(model_dir: Path) -> dict:
             f"Supported: {SUPPORTED_TEXT}."
         )
     return _read_json_lenient(config_path)
+
+
+def check_weights(model_dir: Path) -> list[Path]:
+    """The checkpoint's weight files, checked without loading them: present, and every safetensors file
+    complete (its header parses and the tensors it declares fit in the file). CheckpointError otherwise."""
+    model_dir = Path(model_dir)
+    shards = sorted(model_dir.glob("*.safetensors"))
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wanted = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc})") from exc
+        missing = [n for n in wanted if not (model_dir / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists weight files that are missing: {', '.join(missing[:5])}")
+    if not shards:
+        bins = sorted(model_dir.glob("pytorch_model*.bin"))
+        if bins:
+            return bins
+        found = sorted(p.name for p in model_dir.iterdir())[:12]
+        raise CheckpointError(f"{model_dir}: no weights (no *.safetensors or pytorch_model*.bin; the folder holds "
+                              f"{found})")
+    for path in shards:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise CheckpointError(f"{path}: truncated or not a safetensors file ({size} bytes; its header "
+                                      f"says {n} header bytes)")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: unreadable safetensors header ({exc})") from exc
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"
+                   and isinstance(t, dict) and "data_offsets" in t), default=0)
+        if 8 + n + end > size:
+            raise CheckpointError(f"{path}: truncated ({size} bytes; its tensors need {8 + n + end})")
+    return shards
 
 
 def layer_kinds(config: dict) -> list[str]:

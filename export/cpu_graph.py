@@ -26,12 +26,14 @@ half-precision graphs are for GPUs.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
-from ..artifact import DECODER
-from .io_spec import CACHE_CAPACITY, CPU_CACHE_LAYOUT, graph_io, state_records
+from ..manifest import DECODER_CPU, GraphRecord, tensor_records
+from .io_spec import CACHE_CAPACITY, CPU_CACHE_LAYOUT, PAST_PREFIX, graph_io, is_kv_name, state_records
 
 CPU_GRAPH_FILE = "model.cpu.onnx"
 
@@ -47,13 +49,12 @@ def derive_cpu_graph(src: Path, num_heads: int, out_name: str = CPU_GRAPH_FILE) 
 
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
-    kv_inputs = {i.name for i in graph.input if i.name.startswith("past_key_values.")
-                 and i.name.endswith((".key", ".value"))}
+    kv_inputs = {i.name for i in graph.input if is_kv_name(i.name) and i.name.startswith(PAST_PREFIX)}
     if not kv_inputs:
-        raise CpuGraphError(f"{src}: no past_key_values.*.key/value inputs")
+        raise CpuGraphError(f"{src}: no {PAST_PREFIX}*.key/value inputs")
 
     def is_kv(name):
-        return name in kv_inputs or name.startswith("present.") and name.endswith((".key", ".value"))
+        return name in kv_inputs or is_kv_name(name)
 
     src_shapes = {}
     for value in (*graph.input, *graph.output):
@@ -168,23 +169,23 @@ def derive_cpu_graph(src: Path, num_heads: int, out_name: str = CPU_GRAPH_FILE) 
     return out_path
 
 
-def cpu_graph_record(portable: dict, cpu_path: Path, arch, validation: dict | None = None) -> dict:
+def cpu_graph_record(portable: GraphRecord, cpu_path: Path, arch, validation: dict | None = None) -> GraphRecord:
     """The manifest entry of the CPU flavour: the portable graph's record with its own file and KV layout."""
     inputs, outputs = graph_io(arch, cache_dtype="float32", head_dim_major=True)
-    record = {
-        **portable,
-        "file": cpu_path.name,
-        "derived_from": DECODER,
-        "engines": ["onnxruntime"],
-        "for": "ONNX Runtime CPUExecutionProvider (attention as MatMul/Softmax over a head-dim-major cache)",
-        "inputs": [s.to_dict() for s in inputs],
-        "outputs": [s.to_dict() for s in outputs],
-        "kv_cache": CPU_CACHE_LAYOUT,
-        "state": state_records(arch, "float32", head_dim_major=True),
-    }
-    if validation is not None:
-        record["validation"] = validation
-    return record
+    return dataclasses.replace(
+        portable,
+        name=DECODER_CPU,
+        file=cpu_path.name,
+        derived_from=portable.name,
+        engines=("onnxruntime",),
+        extra=MappingProxyType({**portable.extra, "for": "ONNX Runtime CPUExecutionProvider (attention as "
+                                "MatMul/Softmax over a head-dim-major cache)"}),
+        inputs=tensor_records(inputs),
+        outputs=tensor_records(outputs),
+        kv_cache=MappingProxyType(dict(CPU_CACHE_LAYOUT)),
+        state=state_records(arch, "float32", head_dim_major=True),
+        validation=MappingProxyType(dict(validation)) if validation is not None else portable.validation,
+    )
 
 
 # fp32 graphs that differ only in how attention is computed agree to float rounding.

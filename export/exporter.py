@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import platform
 import shutil
@@ -11,10 +10,11 @@ import time
 from pathlib import Path
 
 from .. import __version__, progress
-from ..artifact import (DECODER, DECODER_CPU, FORMAT, FORMAT_VERSION, ArtifactError, file_records, staging_dir,
-                        write_manifest)
+from ..errors import GraniteDeployError, VerificationFailed
+from ..artifact import ArtifactError, file_records, load_manifest, staging_dir, write_manifest
+from ..manifest import DECODER, DECODER_CPU, make_graph, make_manifest, tensor_records
 from .cpu_graph import cpu_graph_record, derive_cpu_graph
-from .checkpoint import CheckpointError, arch_from_config, read_config, resolve_model
+from .checkpoint import CheckpointError, arch_from_config, check_weights, read_config, resolve_model
 from .graph import MAX_OPSET, MIN_OPSET, build_decoder_graph
 from .io_spec import CACHE_LAYOUT, graph_io, state_records
 from .validate import MIN_HALF_DECODE_STEPS
@@ -49,8 +49,16 @@ COPIED_FILES = (
 )
 
 
-class ExportError(Exception):
-    """Export failed; nothing was written at the output path."""
+class ExportError(GraniteDeployError):
+    """Export was refused (bad options, exit 2) or failed; nothing was written at the output path."""
+
+    exit_code = 2
+
+
+class ValidationFailed(ExportError, VerificationFailed):
+    """The exported graph does not match PyTorch within tolerance (exit 3); nothing was written."""
+
+    exit_code = 3
 
 
 def check_options(dtype: str, opset: int, decode_steps: int | None = None) -> None:
@@ -118,6 +126,7 @@ def export(
     arch = arch_from_config(config, source=str(model_dir / "config.json"))
     if output.resolve() == model_dir.resolve():
         raise ExportError(f"--output: {output} is the checkpoint folder itself")
+    check_weights(model_dir)  # before anything is staged or torch is imported
 
     started = time.time()
     with staging_dir(output, force) as stage:
@@ -130,7 +139,13 @@ def export(
                 transformers.utils.logging.disable_progress_bar()
                 transformers.utils.logging.set_verbosity_error()
 
-            torch_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            try:
+                torch_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            except (ImportError, MemoryError):
+                raise
+            except Exception as exc:  # unreadable weights, shapes that do not match config.json, ...
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise CheckpointError(f"{model_dir}: transformers cannot load the checkpoint: {first}") from exc
             adapter_source = None
             if adapter is not None:  # tgis: merge the LoRA adapter; everything below sees the merged model
                 from .adapter import merge_adapter
@@ -183,7 +198,9 @@ def export(
             from .validate import validate as run_validation
 
             prompts = prompt_token_ids(model_dir, arch.vocab_size)
-            reference = reference_runs(torch_model, prompts, decode_steps)
+            with progress.step(f"running the PyTorch reference (transformers, {len(prompts)} prompts batched, "
+                               f"{decode_steps} decode steps)"):
+                reference = reference_runs(torch_model, prompts, decode_steps)
             for name, path, head_dim_major in ((DECODER, onnx_path, False), (DECODER_CPU, cpu_path, True)):
                 if path is None:
                     continue
@@ -197,7 +214,7 @@ def export(
                                           "nothing written (use --skip-validation to keep an unvalidated artifact)"
                                           ) from exc
                 if not record["passed"]:
-                    raise ExportError(
+                    raise ValidationFailed(
                         f"validation failed for {path.name}: max |logit diff| {record['max_abs_logit_diff']:.3g} "
                         f"(tolerance {record['tolerance']['max_abs_diff']}), greedy agreement "
                         f"{record['greedy_agreement']:.1%}; nothing written (use --skip-validation to keep "
@@ -209,11 +226,28 @@ def export(
                     cpu_validation = record
 
         inputs, outputs = graph_io(arch, cache_dtype=weight_dtype)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created_unix": int(started),
-            "source": {
+        decoder = make_graph(
+            name=DECODER, file=onnx_path.name, external_data=[data_path.name], opset=opset, precision=dtype,
+            inputs=tensor_records(inputs), outputs=tensor_records(outputs), kv_cache=CACHE_LAYOUT,
+            state=state_records(arch, weight_dtype),
+            extra={
+                "mixed_precision": None if dtype == "fp32" else {
+                    "weights_and_matmuls": weight_dtype,
+                    "kv_cache": weight_dtype,
+                    "attention": weight_dtype + (" (softmax float32)" if softmax_fp32 else ""),
+                    "rms_norm": "float32",
+                    "residual_stream": "float32",
+                    "logits": "float32",
+                },
+                "ops": "standard ONNX only (no com.microsoft)",
+                "serves": ["prefill", "decode"],
+            })
+        graphs = {DECODER: decoder}
+        if cpu_path is not None:
+            graphs[DECODER_CPU] = cpu_graph_record(decoder, cpu_path, arch, cpu_validation)
+        manifest = make_manifest(
+            created_unix=int(started),
+            source={
                 **source,
                 **({"adapter": adapter_source} if adapter_source else {}),
                 "model": model,
@@ -221,40 +255,15 @@ def export(
                 "architectures": config.get("architectures"),
                 "model_type": config.get("model_type"),
             },
-            "architecture": arch.to_dict(),
-            "export_options": {"dtype": dtype, "opset": opset, "validate": validate, "decode_steps": decode_steps},
-            "graphs": {
-                DECODER: {
-                    "file": onnx_path.name,
-                    "external_data": [data_path.name],
-                    "opset": opset,
-                    "precision": dtype,
-                    "mixed_precision": None if dtype == "fp32" else {
-                        "weights_and_matmuls": weight_dtype,
-                        "kv_cache": weight_dtype,
-                        "attention": weight_dtype + (" (softmax float32)" if softmax_fp32 else ""),
-                        "rms_norm": "float32",
-                        "residual_stream": "float32",
-                        "logits": "float32",
-                    },
-                    "ops": "standard ONNX only (no com.microsoft)",
-                    "serves": ["prefill", "decode"],
-                    "inputs": [s.to_dict() for s in inputs],
-                    "outputs": [s.to_dict() for s in outputs],
-                    "kv_cache": CACHE_LAYOUT,
-                    "state": state_records(arch, weight_dtype),
-                }
-            },
-            "tokenizer": {"files": [n for n in copied if n not in ("config.json", "generation_config.json")]},
-            "context_length": arch.max_position_embeddings,
-            "validation": validation,
-            "activation_report": activations,
-            "tools": _tool_versions(),
-        }
-        if cpu_path is not None:
-            manifest["graphs"][DECODER_CPU] = cpu_graph_record(manifest["graphs"][DECODER], cpu_path, arch,
-                                                                 cpu_validation)
-        manifest["files"] = file_records(stage, [p.name for p in stage.iterdir() if p.is_file()])
+            architecture=arch,
+            export_options={"dtype": dtype, "opset": opset, "validate": validate, "decode_steps": decode_steps},
+            graphs=graphs,
+            tokenizer_files=tuple(n for n in copied if n not in ("config.json", "generation_config.json")),
+            context_length=arch.max_position_embeddings,
+            validation=validation,
+            extra={"activation_report": activations, "tools": _tool_versions()},
+            files=file_records(stage, [p.name for p in stage.iterdir() if p.is_file()]),
+        )
         write_manifest(stage, manifest)
     return output
 
@@ -270,16 +279,16 @@ __all__ = ["export", "ExportError", "CheckpointError", "ArtifactError", "DTYPES"
 
 
 def summary(artifact: Path) -> str:
-    m = json.loads((artifact / "manifest.json").read_text())
-    v = m["validation"]
+    m = load_manifest(artifact)
+    v = m.validation
     if v.get("skipped"):
         return f"wrote {artifact} (validation skipped)"
     line = (
         f"wrote {artifact}: max |logit diff| {v['max_abs_logit_diff']:.2e}, "
         f"greedy agreement {v['greedy_agreement']:.0%} over {v['decode_steps']} decode steps"
     )
-    cpu = m["graphs"].get(DECODER_CPU, {}).get("validation")
-    if cpu:
-        line += (f"; CPU flavour {m['graphs']['decoder_cpu']['file']}: {cpu['max_abs_logit_diff']:.2e}, "
-                 f"{cpu['greedy_agreement']:.0%}")
+    cpu = m.graphs.get(DECODER_CPU)
+    if cpu is not None and cpu.validation:
+        line += (f"; CPU flavour {cpu.file}: {cpu.validation['max_abs_logit_diff']:.2e}, "
+                 f"{cpu.validation['greedy_agreement']:.0%}")
     return line

@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .checkpoint import GraniteArch
-from .io_spec import cache_names, graph_io
+from .io_spec import INPUT_IDS, NUM_LOGITS_TO_KEEP, POSITION_IDS, cache_names, graph_io, state_names
 from .mamba import build_mamba_mixer, causal_masks
 
 NP_TO_ONNX = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
@@ -39,6 +39,12 @@ WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
 EXTERNAL_ALIGN = 4096  # page-aligned offsets let ONNX Runtime mmap the weights
 MIN_OPSET = 24  # TensorScatter
 MAX_OPSET = onnx.defs.onnx_opset_version()
+
+
+def conv_ssm_names(layer: int) -> tuple[str, str, str, str]:
+    """(past conv, past ssm, present conv, present ssm) names of a Mamba layer."""
+    (pc, oc), (ps, os_) = state_names(layer, "conv"), state_names(layer, "ssm")
+    return pc, ps, oc, os_
 
 
 class GraphBuilder:
@@ -144,12 +150,12 @@ def build_decoder_graph(
 
         # Embedding (tied with the output projection when the config says so).
         embed = g.weight("model.embed_tokens.weight", w("model.embed_tokens.weight"))
-        x = to_f32(g.op("Gather", [embed, "input_ids"], "embed", axis=0), "embed_f32")
+        x = to_f32(g.op("Gather", [embed, INPUT_IDS], "embed", axis=0), "embed_f32")
         x = g.op("Mul", [x, g.const("embedding_multiplier", a.embedding_multiplier, np.float32)], "embed_scaled")
 
         # Shared per-step tensors: rotary cos/sin, the attention mask, the cache write index.
         inv_freq = 1.0 / (a.rope_theta ** (np.arange(0, D, 2, dtype=np.float32) / D))
-        pos_f = g.op("Cast", ["position_ids"], "pos_f", to=TensorProto.FLOAT)
+        pos_f = g.op("Cast", [POSITION_IDS], "pos_f", to=TensorProto.FLOAT)
         freqs = g.op("Mul", [g.op("Unsqueeze", [pos_f, g.const("axes_last", [-1], np.int64)], "pos_f3"),
                              g.const("inv_freq", inv_freq.astype(np.float32))], "rope_freqs")
         cos = to_half(g.op("Cos", [freqs], "rope_cos"), "rope_cos_half")
@@ -161,9 +167,9 @@ def build_decoder_graph(
         capacity_1d = g.op("Shape", [cache_names(first_attention)[0]], "cache_capacity_1d", start=2, end=3)
         capacity = g.op("Squeeze", [capacity_1d, g.const("axes_0", [0], np.int64)], "cache_capacity")
         kv_pos = g.op("Range", [g.const("zero", 0, np.int64), capacity, g.const("one", 1, np.int64)], "kv_positions")
-        q_pos = g.op("Unsqueeze", ["position_ids", g.const("axes_1_3", [1, 3], np.int64)], "q_positions")  # [B,1,S,1]
+        q_pos = g.op("Unsqueeze", [POSITION_IDS, g.const("axes_1_3", [1, 3], np.int64)], "q_positions")  # [B,1,S,1]
         mask = g.op("LessOrEqual", [kv_pos, q_pos], "attn_mask")  # [B,1,S,cap]: key j visible iff j <= p
-        write_index = g.op("Gather", ["position_ids", g.const("zero_idx", 0, np.int64)], "write_index", axis=1)
+        write_index = g.op("Gather", [POSITION_IDS, g.const("zero_idx", 0, np.int64)], "write_index", axis=1)
 
         res_mult = g.const("residual_multiplier", a.residual_multiplier, np.float32)
         shape_q = g.const("shape_q", [0, 0, nH, D], np.int64)
@@ -188,7 +194,7 @@ def build_decoder_graph(
             return g.op("Add", [x, g.op("Mul", [down, res_mult], f"l{i}/mlp_scaled")], f"l{i}/mlp_residual")
 
         if a.mamba:
-            causal_incl, causal_strict = causal_masks(g, "input_ids")
+            causal_incl, causal_strict = causal_masks(g, INPUT_IDS)
         for i in range(a.num_layers):
             p = f"model.layers.{i}"
             past_k, past_v, present_k, present_v = cache_names(i)
@@ -198,8 +204,7 @@ def build_decoder_graph(
             if a.layer_types and a.layer_types[i] == "mamba":
                 # Mamba2 block: projections in the export precision, the scan in float32.
                 o = build_mamba_mixer(g, h, f"{p}.mamba", f"l{i}/mamba", a.mamba, w32, w, to_half, to_f32,
-                                      f"past_key_values.{i}.conv", f"past_key_values.{i}.ssm",
-                                      f"present.{i}.conv", f"present.{i}.ssm", causal_incl, causal_strict)
+                                      *conv_ssm_names(i), causal_incl, causal_strict)
                 x = g.op("Add", [x, g.op("Mul", [o, res_mult], f"l{i}/mamba_scaled")], f"l{i}/mamba_residual")
                 x = mlp_block(x, i, p)
                 continue
@@ -228,9 +233,9 @@ def build_decoder_graph(
             x = mlp_block(x, i, p)
 
         # Keep the last k positions (k = num_logits_to_keep, 0 = all) before the norm and head.
-        seq_len = g.op("Gather", [g.op("Shape", ["input_ids"], "ids_shape"), g.const("one_idx", [1], np.int64)],
+        seq_len = g.op("Gather", [g.op("Shape", [INPUT_IDS], "ids_shape"), g.const("one_idx", [1], np.int64)],
                        "seq_len", axis=0)
-        keep = g.op("Unsqueeze", ["num_logits_to_keep", g.const("axes_0", [0], np.int64)], "keep_1d")
+        keep = g.op("Unsqueeze", [NUM_LOGITS_TO_KEEP, g.const("axes_0", [0], np.int64)], "keep_1d")
         keep = g.op("Where", [g.op("Equal", [keep, g.const("zero_1d", [0], np.int64)], "keep_all"), seq_len, keep],
                     "keep")
         start = g.op("Sub", [seq_len, keep], "keep_start")

@@ -18,15 +18,19 @@ buffer written in place rather than Optimum's concatenated past/present:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
-from .. import artifact as _artifact
+from ..manifest import CACHE_CAPACITY, StateSpec, TensorRecord
 from .checkpoint import GraniteArch
 
 # Symbolic dimension names (also written into the manifest).
 BATCH = "batch"
 SEQUENCE = "sequence"
-CACHE_CAPACITY = _artifact.CACHE_CAPACITY
+# The fixed graph inputs and output every decoder graph has (state tensors come from state_records).
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+NUM_LOGITS_TO_KEEP = "num_logits_to_keep"
+LOGITS = "logits"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
 
 CACHE_LAYOUT = {
     "kind": "fixed_capacity_in_place",
@@ -47,32 +51,29 @@ CPU_CACHE_LAYOUT = {
 }
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name
-    shape: tuple  # ints for fixed dims, strings for symbolic ones
-    default: int | None = None  # optional input: an initializer gives this value when not fed
+# A graph input/output as the manifest records it (name, numpy dtype name, shape: ints for fixed
+# dims, strings for symbolic ones, optional default).
+TensorSpec = TensorRecord
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        if self.default is None:
-            del d["default"]
-        return d
+
+def state_names(layer: int, part: str) -> tuple[str, str]:
+    """(graph input, graph output) names of one state tensor; part: key, value, conv or ssm."""
+    return f"{PAST_PREFIX}{layer}.{part}", f"{PRESENT_PREFIX}{layer}.{part}"
 
 
 def cache_names(layer: int) -> tuple[str, str, str, str]:
     """(past key, past value, present key, present value) names of one layer."""
-    return (
-        f"past_key_values.{layer}.key",
-        f"past_key_values.{layer}.value",
-        f"present.{layer}.key",
-        f"present.{layer}.value",
-    )
+    (past_k, present_k), (past_v, present_v) = state_names(layer, "key"), state_names(layer, "value")
+    return past_k, past_v, present_k, present_v
 
 
-def state_records(arch: GraniteArch, cache_dtype: str = "float32", head_dim_major: bool = False) -> list[dict]:
+def is_kv_name(name: str) -> bool:
+    """Whether a graph input/output name is an attention KV cache tensor."""
+    return name.startswith((PAST_PREFIX, PRESENT_PREFIX)) and name.endswith((".key", ".value"))
+
+
+def state_records(arch: GraniteArch, cache_dtype: str = "float32",
+                  head_dim_major: bool = False) -> tuple[StateSpec, ...]:
     """Every per-sequence state tensor, for the manifest's `state` record (what engines allocate).
 
     kv: attention K/V, written in place by TensorScatter. conv: the Mamba2 conv
@@ -84,36 +85,32 @@ def state_records(arch: GraniteArch, cache_dtype: str = "float32", head_dim_majo
     records = []
     for i, kind in enumerate(arch.layer_types or ("attention",) * arch.num_layers):
         if kind == "attention":
-            past_k, past_v, present_k, present_v = cache_names(i)
-            shape = ([arch.num_kv_heads, arch.head_dim, CACHE_CAPACITY] if head_dim_major
-                     else [arch.num_kv_heads, CACHE_CAPACITY, arch.head_dim])
-            records += [{"input": past_k, "output": present_k, "kind": "kv", "layer": i, "shape": shape,
-                         "dtype": cache_dtype, "in_place": True},
-                        {"input": past_v, "output": present_v, "kind": "kv", "layer": i, "shape": shape,
-                         "dtype": cache_dtype, "in_place": True}]
+            shape = ((arch.num_kv_heads, arch.head_dim, CACHE_CAPACITY) if head_dim_major
+                     else (arch.num_kv_heads, CACHE_CAPACITY, arch.head_dim))
+            for part in ("key", "value"):
+                records.append(StateSpec(*state_names(i, part), "kv", i, shape, cache_dtype, True))
         else:
             m = arch.mamba
-            records += [{"input": f"past_key_values.{i}.conv", "output": f"present.{i}.conv", "kind": "conv",
-                         "layer": i, "shape": [m["conv_dim"], m["d_conv"]], "dtype": "float32", "in_place": True},
-                        {"input": f"past_key_values.{i}.ssm", "output": f"present.{i}.ssm", "kind": "ssm",
-                         "layer": i, "shape": [m["heads"], m["head_dim"], m["d_state"]], "dtype": "float32",
-                         "in_place": False}]
-    return records
+            records.append(StateSpec(*state_names(i, "conv"), "conv", i, (m["conv_dim"], m["d_conv"]), "float32",
+                                     True))
+            records.append(StateSpec(*state_names(i, "ssm"), "ssm", i, (m["heads"], m["head_dim"], m["d_state"]),
+                                     "float32", False))
+    return tuple(records)
 
 
 def graph_io(arch: GraniteArch, cache_dtype: str = "float32",
              head_dim_major: bool = False) -> tuple[list[TensorSpec], list[TensorSpec]]:
     inputs = [
-        TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
-        TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQUENCE)),
+        TensorSpec(POSITION_IDS, "int64", (BATCH, SEQUENCE)),
         # Optional: logits only for the last k positions (0 = all). Engines pass 1
         # when prefilling one sequence, which skips the vocabulary projection of
         # every prompt token but the last.
-        TensorSpec("num_logits_to_keep", "int64", (), default=0),
+        TensorSpec(NUM_LOGITS_TO_KEEP, "int64", (), default=0),
     ]
-    outputs = [TensorSpec("logits", "float32", (BATCH, "kept_positions", arch.vocab_size))]
+    outputs = [TensorSpec(LOGITS, "float32", (BATCH, "kept_positions", arch.vocab_size))]
     for st in state_records(arch, cache_dtype, head_dim_major):
-        shape = (BATCH, *st["shape"])
-        inputs.append(TensorSpec(st["input"], st["dtype"], shape))
-        outputs.append(TensorSpec(st["output"], st["dtype"], shape))
+        shape = (BATCH, *st.shape)
+        inputs.append(TensorSpec(st.input, st.dtype, shape))
+        outputs.append(TensorSpec(st.output, st.dtype, shape))
     return inputs, outputs

@@ -274,5 +274,5 @@ def check_artifact(artifact: str | Path, supported: SupportedOps | None = None) 
         return [check_graph_file(artifact, supported)]
     manifest = load_manifest(artifact)
     # The CPU flavour (derived_from another graph) is for ONNX Runtime only; TensorRT builds the portable one.
-    return [check_graph_file(artifact / g["file"], supported) for g in manifest.get("graphs", {}).values()
-            if "derived_from" not in g]
+    return [check_graph_file(artifact / g.file, supported) for g in manifest.graphs.values()
+            if g.derived_from is None]

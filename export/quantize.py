@@ -38,19 +38,22 @@ the same names. Each quantized graph is then gated against its fp32 source
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
-import json
 import logging
 import platform
 import shutil
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
 from .. import __version__, progress
-from ..artifact import DECODER, DECODER_CPU, MANIFEST, ArtifactError, file_records, staging_dir, verify, write_manifest
-from .checkpoint import GraniteArch
+from ..errors import GraniteDeployError, VerificationFailed
+from ..artifact import (MANIFEST, ArtifactError, BadArtifactPath, file_records, load_manifest, staging_dir, verify,
+                        write_manifest)
+from ..manifest import DECODER, DECODER_CPU, KV_LAYOUT_IN_PLACE, Manifest
 from .cpu_graph import check_against_portable, cpu_graph_record, derive_cpu_graph
 
 METHODS = {
@@ -70,8 +73,16 @@ HEAD_NAME = "lm_head.weight_t"  # the head's own [hidden, vocab] weight, before 
 log = logging.getLogger(__name__)
 
 
-class QuantizeError(Exception):
-    """Quantization failed or was refused; nothing was written at the output path."""
+class QuantizeError(GraniteDeployError):
+    """Quantization was refused (bad input, exit 2) or failed; nothing was written at the output path."""
+
+    exit_code = 2
+
+
+class GateFailed(QuantizeError, VerificationFailed):
+    """The quantized graph failed its accuracy gate (exit 3); nothing was written."""
+
+    exit_code = 3
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -91,22 +102,20 @@ def check_options(method: str, block_size: int | None, accuracy_level: int | Non
     return block_size
 
 
-def read_source(artifact: Path) -> dict:
+def read_source(artifact: Path) -> Manifest:
     """The source manifest, after checking every file's hash and that it is an fp32 graph."""
     with progress.step(f"verifying source artifact {artifact}"):
         manifest = verify(artifact, load_graph=False)
     path = artifact / MANIFEST
-    graph = manifest.get("graphs", {}).get(DECODER)
-    if not graph:
-        raise QuantizeError(f"{path}: has no graphs.decoder entry")
-    if "quantization" in manifest or graph.get("precision") != "fp32":
+    graph = manifest.graph(DECODER)
+    if "quantization" in manifest.extra or graph.precision != "fp32":
         raise QuantizeError(
-            f"{path}: graphs.decoder.precision is {graph.get('precision')!r}; quantize needs an fp32 artifact "
+            f"{path}: graphs.decoder.precision is {graph.precision!r}; quantize needs an fp32 artifact "
             "made by `granite-deploy export` (re-quantizing a quantized or half-precision graph compounds "
             "its rounding error)"
         )
-    if graph.get("kv_cache", {}).get("kind") != "fixed_capacity_in_place":
-        raise QuantizeError(f"{path}: decoder cache layout {graph.get('kv_cache')} is not 'fixed_capacity_in_place'")
+    if graph.kv_layout != KV_LAYOUT_IN_PLACE:
+        raise QuantizeError(f"{path}: decoder cache layout {dict(graph.kv_cache)} is not {KV_LAYOUT_IN_PLACE!r}")
     return manifest
 
 
@@ -360,7 +369,7 @@ def quantize(
     bits, precision = METHODS[method]
     source, output = Path(artifact), Path(output)
     if not source.is_dir():
-        raise ArtifactError(f"{source}: not an artifact folder (no such directory)")
+        raise BadArtifactPath(f"{source}: not an artifact folder (no such directory)")
     if output.resolve() == source.resolve():
         raise QuantizeError(f"--output: {output} is the source artifact itself")
     text_path = None
@@ -370,16 +379,16 @@ def quantize(
             raise QuantizeError(f"--calibration: {text_path} is not a file")
     gate = accuracy.thresholds_for(method, thresholds)
     if output.is_dir() and any(output.iterdir()) and not force:  # fail before hashing a multi-GB source
-        raise ArtifactError(f"{output.resolve()}: exists and is not empty; pass --force to replace it")
+        raise BadArtifactPath(f"{output.resolve()}: exists and is not empty; pass --force to replace it")
     src_manifest = read_source(source)
-    src_graph = src_manifest["graphs"][DECODER]
+    src_graph = src_manifest.graph(DECODER)
     started = time.time()
 
     with staging_dir(output, force) as stage:
         import onnx
 
-        with progress.step(f"loading {source / src_graph['file']}"):
-            model = onnx.load(str(source / src_graph["file"]))
+        with progress.step(f"loading {source / src_graph.file}"):
+            model = onnx.load(str(source / src_graph.file))
         with progress.step(f"quantizing ({method}{'' if method == 'int8-qdq' else f', block {block_size}'})"):
             if method == "int8-qdq":
                 done = quantize_qdq(model, quantize_head)
@@ -397,27 +406,27 @@ def quantize(
 
         # Every graph of the source (and its weights) is replaced; the rest is copied.
         graph_files = {MANIFEST}
-        for g in src_manifest["graphs"].values():
-            graph_files |= {g["file"], *g.get("external_data", [])}
-        for name in src_manifest["files"]:
+        for g in src_manifest.graphs.values():
+            graph_files |= {g.file, *g.external_data}
+        for name in src_manifest.files:
             if name not in graph_files:
                 shutil.copy2(source / name, stage / name)
 
         with progress.step(f"accuracy gate against the fp32 source ({method})"):
             record = accuracy.evaluate(
-                source / src_graph["file"], onnx_path, src_manifest["architecture"], source, gate,
+                source / src_graph.file, onnx_path, src_manifest.architecture, source, gate,
                 text_path=text_path, **({"decode_steps": decode_steps} if decode_steps else {}),
                 **({"max_tokens": ppl_max_tokens} if ppl_max_tokens else {}),
             )
         record["gate"] = "skipped (--skip-gate): written despite failing" if skip_gate and not record["passed"] \
             else ("skipped (--skip-gate)" if skip_gate else "enforced")
         if not record["passed"] and not skip_gate:
-            raise QuantizeError(
+            raise GateFailed(
                 f"accuracy gate failed for {method}: " + "; ".join(record["failures"])
                 + f"; nothing written at {output} (pass --skip-gate to write it anyway, with the failure recorded)"
             )
 
-        arch = GraniteArch.from_dict(src_manifest["architecture"])
+        arch = src_manifest.architecture
         with progress.step("deriving the ONNX Runtime CPU flavour and checking it against the quantized graph"):
             cpu_path = derive_cpu_graph(onnx_path, arch.num_heads)
             onnx.checker.check_model(str(cpu_path), full_check=False)
@@ -426,34 +435,34 @@ def quantize(
             raise QuantizeError(f"internal error: {cpu_path.name} differs from {onnx_path.name} by "
                                 f"{cpu_check['max_abs_logit_diff']:.3g} in logits; nothing written")
 
-        manifest = copy.deepcopy(src_manifest)
-        manifest.pop("files", None)
-        manifest["created_unix"] = int(started)
-        manifest["source_artifact"] = {
+        source_record = {
             "path": str(source.resolve()),
             "manifest_sha256": hashlib.sha256((source / MANIFEST).read_bytes()).hexdigest(),
-            "precision": src_graph.get("precision"),
-            "graph_sha256": src_manifest["files"][src_graph["file"]]["sha256"],
+            "precision": src_graph.precision,
+            "graph_sha256": src_manifest.files[src_graph.file].sha256,
         }
-        if "validation" in manifest:
-            manifest["validation"] = {**manifest["validation"],
-                                      "applies_to": "the fp32 source graph; see 'accuracy' for this graph"}
+        validation = dict(src_manifest.validation)
+        if validation:
+            validation["applies_to"] = "the fp32 source graph; see 'accuracy' for this graph"
         ort_only = "com.microsoft" in ops
-        graph = manifest["graphs"][DECODER]
-        graph.update({
-            "file": onnx_path.name,
-            "external_data": [data_path.name],
-            "precision": precision,
-            "ops": ("standard ONNX + com.microsoft " + ", ".join(ops["com.microsoft"]) + " (ONNX Runtime only)"
-                    if ort_only else "standard ONNX only (no com.microsoft)"),
-            "op_domains": ops,
-            "onnxruntime_only_ops": ort_only,
-            "engines": ["onnxruntime"] if ort_only else ["onnxruntime", "tensorrt"],
-        })
-        manifest["graphs"][DECODER_CPU] = cpu_graph_record(graph, cpu_path, arch, cpu_check)
+        graph = dataclasses.replace(
+            src_graph,
+            file=onnx_path.name,
+            external_data=(data_path.name,),
+            precision=precision,
+            engines=("onnxruntime",) if ort_only else ("onnxruntime", "tensorrt"),
+            extra=MappingProxyType({
+                **src_graph.extra,
+                "ops": ("standard ONNX + com.microsoft " + ", ".join(ops["com.microsoft"]) + " (ONNX Runtime only)"
+                        if ort_only else "standard ONNX only (no com.microsoft)"),
+                "op_domains": ops,
+                "onnxruntime_only_ops": ort_only,
+            }),
+        )
+        graphs = {DECODER: graph, DECODER_CPU: cpu_graph_record(graph, cpu_path, arch, cpu_check)}
         import onnxruntime
 
-        manifest["quantization"] = {
+        quantization = {
             "method": method,
             "algorithm": ("round-to-nearest, symmetric, blockwise along the input dimension "
                           "(onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer)"
@@ -484,20 +493,27 @@ def quantize(
                                                         if method != "int8-qdq" else
                                                         "granite_deploy.export.quantize (numpy), onnx")},
         }
-        manifest["accuracy"] = record
-        manifest["tools"] = {**manifest.get("tools", {}), **_tool_versions()}
-        manifest["files"] = file_records(stage, [p.name for p in stage.iterdir() if p.is_file()])
+        extra = {k: v for k, v in src_manifest.extra.items() if k not in ("quantization", "accuracy")}
+        manifest = src_manifest.replace(
+            created_unix=int(started),
+            graphs=graphs,
+            validation=validation,
+            plans=(),  # plans were built from the source graph
+            extra={**extra, "source_artifact": source_record, "quantization": quantization, "accuracy": record,
+                   "tools": {**src_manifest.extra.get("tools", {}), **_tool_versions()}},
+            files=file_records(stage, [p.name for p in stage.iterdir() if p.is_file()]),
+        )
         write_manifest(stage, manifest)
     return output
 
 
 def summary(artifact: Path) -> str:
-    m = json.loads((Path(artifact) / MANIFEST).read_text())
-    a, g = m["accuracy"], m["graphs"][DECODER]
-    size = sum(r["bytes"] for n, r in m["files"].items() if n in [g["file"], *g["external_data"]])
+    m = load_manifest(artifact)
+    a, g = m.extra["accuracy"], m.graph(DECODER)
+    size = sum(r.bytes for n, r in m.files.items() if n in (g.file, *g.external_data))
     p = a["perplexity"]
     return (
-        f"wrote {artifact} ({g['precision']}, graph {size / 2**20:.1f} MiB, engines: {', '.join(g['engines'])}): "
+        f"wrote {artifact} ({g.precision}, graph {size / 2**20:.1f} MiB, engines: {', '.join(g.engines)}): "
         f"greedy agreement {a['greedy']['agreement']:.1%} over {a['greedy']['decode_steps']} steps x "
         f"{len(a['greedy']['prompt_lengths'])} prompts, perplexity {p['reference']:.3f} -> {p['quantized']:.3f} "
         f"({p['relative_increase']:+.2%}); gate {'passed' if a['passed'] else 'FAILED'} ({a['gate']})"

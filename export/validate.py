@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .io_spec import CACHE_CAPACITY, state_records
+from .io_spec import INPUT_IDS, POSITION_IDS, state_records
 
 DEFAULT_PROMPTS = (
     "The capital of France is",
@@ -105,15 +105,15 @@ def run_graph_teacher_forced(session, arch, sequences: list[list[int]], prompt_l
     batch = len(sequences)
     capacity = max(len(s) for s in sequences) + 1
     records = state_records(arch, cache_dtype, head_dim_major)
-    cache = {st["input"]: np.zeros((batch, *[capacity if d == CACHE_CAPACITY else d for d in st["shape"]]),
-                                   numpy_dtype(st["dtype"])) for st in records}
+    cache = {st.input: np.zeros((batch, *st.row_shape(capacity)),
+                                   numpy_dtype(st.dtype)) for st in records}
     out_names = [o.name for o in session.get_outputs()]
 
     def step(ids: np.ndarray, pos: np.ndarray, rows=slice(None)) -> np.ndarray:
-        feeds = {"input_ids": ids, "position_ids": pos, **{k: v[rows] for k, v in cache.items()}}
+        feeds = {INPUT_IDS: ids, POSITION_IDS: pos, **{k: v[rows] for k, v in cache.items()}}
         results = dict(zip(out_names, session.run(None, feeds)))
         for st in records:
-            cache[st["input"]][rows] = results[st["output"]]
+            cache[st.input][rows] = results[st.output]
         return np.asarray(results["logits"], np.float32)
 
     if arch.mamba:

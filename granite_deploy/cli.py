@@ -12,10 +12,50 @@ class UsageError(Exception):
     """Bad command-line input; the message names the option or file."""
 
 
-def _cmd_export(args) -> int:
-    from .export.exporter import export, summary
+def _needs_extra(exc: ImportError, command: str, extra: str) -> int:
+    """A missing optional dependency: one line naming the extra to install (exit 2)."""
+    print(f"granite-deploy {command}: error: {exc.name or exc} is not installed; `{command}` needs the {extra} extra: "
+          f'pip install "granite-deploy[{extra}]"', file=sys.stderr)
+    return 2
 
-    out = export(
+
+class _Terminated(BaseException):
+    """SIGTERM during a command that writes an artifact: unwinds like Ctrl-C, so staging folders are removed."""
+
+
+def _unwind_on_sigterm() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (tests calling main() from a thread)
+        pass
+
+
+_EXPORT_MODULES = ("torch", "transformers", "safetensors", "onnx_ir", "huggingface_hub", "tokenizers")
+
+
+def _cmd_export(args) -> int:
+    _unwind_on_sigterm()
+    try:
+        from .export.exporter import export, summary
+    except ImportError as exc:
+        return _needs_extra(exc, "export", "export")
+    try:
+        out = _run_export(args, export)
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] in _EXPORT_MODULES:
+            return _needs_extra(exc, "export", "export")
+        raise
+    print(summary(out))
+    return 0
+
+
+def _run_export(args, export):
+    return export(
         args.model,
         args.output,
         dtype=args.dtype,
@@ -26,16 +66,32 @@ def _cmd_export(args) -> int:
         revision=args.revision,
         adapter=args.adapter,
     )
-    print(summary(out))
-    return 0
 
 
 def _cmd_verify(args) -> int:
-    from .artifact import verify
+    from .artifact import manifest_sha256, verify
 
-    manifest = verify(args.artifact, load_graph=not args.no_load)
-    n = len(manifest["files"])
-    print(f"{args.artifact}: OK ({n} files match their sha256" + ("" if args.no_load else ", graph loads in ONNX Runtime") + ")")
+    if bool(args.signature) != bool(args.public_key):
+        raise UsageError("--signature/--public-key: give both")
+    manifest = verify(args.artifact, load_graph=not args.no_load, manifest_digest=args.manifest_digest)
+    if args.signature:
+        from .signing import verify_signature
+
+        verify_signature(args.artifact, args.signature, args.public_key)
+    n = len(manifest.files)
+    print(f"{args.artifact}: OK ({n} files inside the folder match their size and sha256"
+          + ("" if args.no_load else ", graphs load in ONNX Runtime")
+          + (f", signature verified with {args.public_key}" if args.signature else "") + ")")
+    print(f"manifest sha256: {manifest_sha256(args.artifact)} (pin it: --manifest-digest)")
+    return 0
+
+
+def _cmd_sign(args) -> int:
+    from .signing import sign
+
+    out = sign(args.artifact, args.key, signature=args.signature)
+    print(f"signed {args.artifact}: {out} (check: granite-deploy verify {args.artifact} --signature {out} "
+          "--public-key PUBLIC.pem)")
     return 0
 
 
@@ -43,6 +99,14 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(args.workdir, keep=args.keep)
+
+
+def _add_trust_args(p) -> None:
+    g = p.add_argument_group("artifact trust (sizes are always checked before loading)")
+    g.add_argument("--skip-verify", action="store_true",
+                   help="do not check sha256 before loading (for operators who verified at deploy time)")
+    g.add_argument("--manifest-digest", metavar="SHA256",
+                   help="refuse unless manifest.json's sha256 is this (`granite-deploy verify` prints it)")
 
 
 def _add_sampling_args(p) -> None:
@@ -75,7 +139,9 @@ def _cmd_render(args) -> int:
     from .serve.generate import render_prompt
     from .serve.tokenizer import GraniteTokenizer
 
-    tokenizer = GraniteTokenizer.from_dir(args.artifact)
+    from .artifact import load_manifest
+
+    tokenizer = GraniteTokenizer.from_dir(args.artifact, trusted_files=load_manifest(args.artifact).files)
     sys.stdout.write(render_prompt(tokenizer, chat=args.chat, tools=args.tools, documents=args.documents))
     sys.stdout.flush()
     return 0
@@ -84,14 +150,14 @@ def _cmd_render(args) -> int:
 def _cmd_generate(args) -> int:
     import time
 
-    from .artifact import load_manifest
+    from .artifact import open_trusted
     from .engines import load_engine
     from .serve.generate import render_prompt, stream
     from .serve.scheduler import Request, Scheduler
     from .serve.tokenizer import GraniteTokenizer
 
-    load_manifest(args.artifact)
-    tokenizer = GraniteTokenizer.from_dir(args.artifact)
+    manifest = open_trusted(args.artifact, verify_hashes=not args.skip_verify, manifest_digest=args.manifest_digest)
+    tokenizer = GraniteTokenizer.from_dir(args.artifact, trusted_files=manifest.files)
     text = render_prompt(tokenizer, prompt=args.prompt, chat=args.chat, tools=args.tools, documents=args.documents)
     sampling, stopping = _request_params(args)
     engine = load_engine(args.artifact, engine=args.engine, max_batch=1, threads=args.threads)
@@ -161,6 +227,7 @@ def _cmd_serve(args) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token=args.auth_token, model_id=args.model_id, max_new_tokens_limit=args.max_new_tokens_limit,
         max_message_bytes=args.max_message_bytes, drain_grace_s=args.grace, prefill_chunk=args.prefill_chunk,
+        verify_hashes=not args.skip_verify, manifest_digest=args.manifest_digest,
         prefix_cache_mb=args.prefix_cache_mb,
         strict_model_id=args.strict_model_id, adapters=_adapter_options(args.adapter),
     )
@@ -289,14 +356,16 @@ def _cmd_health(args) -> int:
 
 
 def _cmd_build(args) -> int:
-    from .engines.tensorrt_build import BuildError, build, summary
+    import json
 
-    try:
-        record = build(args.artifact, max_batch=args.max_batch, max_seq=args.max_seq, opt_seq=args.opt_seq,
-                       timing_cache=args.timing_cache)
-    except BuildError as exc:
-        print(f"granite-deploy build: error: {exc}", file=sys.stderr)
-        return 2
+    from .engines.tensorrt_build import build, plan, summary
+
+    if args.plan_only:  # no TensorRT, no GPU: the plan `build` would build, as JSON
+        print(json.dumps(plan(args.artifact, max_batch=args.max_batch, max_seq=args.max_seq, opt_seq=args.opt_seq),
+                         indent=2))
+        return 0
+    record = build(args.artifact, max_batch=args.max_batch, max_seq=args.max_seq, opt_seq=args.opt_seq,
+                   timing_cache=args.timing_cache)
     print(summary(Path(args.artifact), record))
     return 0
 
@@ -317,6 +386,7 @@ def _cmd_check_ops(args) -> int:
 def _cmd_quantize(args) -> int:
     from .export.quantize import QuantizeError, quantize, summary
 
+    _unwind_on_sigterm()
     method = "int8" if args.int8 else "int4" if args.int4 else "int8-qdq"
     try:
         out = quantize(args.artifact, args.output, method, block_size=args.block_size, calibration=args.calibration,
@@ -325,7 +395,11 @@ def _cmd_quantize(args) -> int:
                                    "min_greedy_agreement": args.min_agreement})
     except QuantizeError as exc:
         print(f"granite-deploy quantize: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] in _EXPORT_MODULES:
+            return _needs_extra(exc, "quantize", "export")
+        raise
     print(summary(out))
     return 0
 
@@ -358,7 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check an artifact's hashes and that its graph loads")
     p.add_argument("artifact")
     p.add_argument("--no-load", action="store_true", help="only check hashes, do not load the graph")
+    p.add_argument("--manifest-digest", metavar="SHA256",
+                   help="refuse unless manifest.json's sha256 is this (printed by a previous verify)")
+    p.add_argument("--signature", help="signature file from `granite-deploy sign` (with --public-key)")
+    p.add_argument("--public-key", help="PEM public key of the artifact's producer (with --signature)")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("sign", help="sign a verified artifact folder with an elliptic-curve private key "
+                                    "(OpenSSF model-signing; extra: sign)")
+    p.add_argument("artifact")
+    p.add_argument("--key", required=True, help="PEM elliptic-curve private key")
+    p.add_argument("--signature", default=None,
+                   help="signature file to write (default ARTIFACT.sig, next to the folder)")
+    p.set_defaults(func=_cmd_sign)
 
     p = sub.add_parser("demo", help="end to end on a tiny Granite model made on the spot")
     p.add_argument("--workdir", default=None, help="folder for the checkpoint and artifact (default: a temp dir)")
@@ -374,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--documents", help="JSON file: list of documents")
     p.add_argument("--engine", default="auto", help="auto, onnxruntime-cpu, onnxruntime-cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    _add_trust_args(p)
     _add_sampling_args(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -417,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "engine (memory: one more model); repeatable")
     p.add_argument("--grace", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT (default 30)")
+    _add_trust_args(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("client", help="call a granite-deploy server: print tokens as they arrive")
@@ -462,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per sequence = static KV-cache capacity (default min(4096, context length))")
     p.add_argument("--opt-seq", type=int, default=None, help="prompt length to tune for (default 512)")
     p.add_argument("--timing-cache", help="TensorRT timing cache file: reused when present, saved after the build")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the plan (optimisation profiles for every graph input) as JSON and stop; "
+                        "needs neither TensorRT nor a GPU")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("check-ops", help="list a graph's ops and whether TensorRT's ONNX parser takes them")
@@ -507,8 +598,16 @@ def main(argv: list[str] | None = None) -> int:
         known += [CheckpointError, ExportError]
     except ImportError:  # export extra not installed
         pass
+    from .errors import GraniteDeployError
+
     try:
         return args.func(args)
+    except GraniteDeployError as exc:  # mapped by class: 2 bad input, 3 verification/gate failure, 1 other
+        print(f"granite-deploy {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except _Terminated:
+        print(f"granite-deploy {args.command}: terminated (SIGTERM); nothing written", file=sys.stderr)
+        return 143
     except tuple(known) as exc:
         print(f"granite-deploy {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -54,7 +54,7 @@ def run_demo(workdir: str | None = None, keep: bool = False) -> int:
         print(summary(artifact))
         _say("verifying the artifact (hashes + ONNX Runtime load)")
         manifest = verify(artifact)
-        print(f"{artifact}: OK ({len(manifest['files'])} files)")
+        print(f"{artifact}: OK ({len(manifest.files)} files)")
 
         _say("serving it over gRPC (fmaas.GenerationService + granite.v1.ChatService)")
         server, target = start_server(artifact, "--max-batch", "4")

@@ -119,6 +119,11 @@ class ServerConfig:
     strict_model_id: bool = False
     # tgis: (name, adapter artifact) pairs answering fmaas adapter_id, one engine each (serve/adapters.py)
     adapters: tuple[tuple[str, str], ...] = ()
+    # Trusted artifacts (artifact.open_trusted): sizes are always checked before loading; sha256 unless
+    # verify_hashes is False (--skip-verify, for operators who verified at deploy time); manifest_digest
+    # pins manifest.json's own sha256 (--manifest-digest).
+    verify_hashes: bool = True
+    manifest_digest: str | None = None
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -310,16 +315,20 @@ class GraniteServer:
 
     def _load(self) -> None:
         cfg = self.config
+        manifest = None
+        if self.tokenizer is None or self.engine is None:
+            from ..artifact import open_trusted
+
+            manifest = open_trusted(cfg.artifact, verify_hashes=cfg.verify_hashes,
+                                    manifest_digest=cfg.manifest_digest)
         if self.tokenizer is None:
             from .tokenizer import GraniteTokenizer
 
-            self.tokenizer = GraniteTokenizer.from_dir(cfg.artifact)
+            self.tokenizer = GraniteTokenizer.from_dir(cfg.artifact, trusted_files=manifest.files)
         if self.engine is None:
-            from ..artifact import load_manifest
             from ..engines import load_engine
 
-            manifest = load_manifest(cfg.artifact)
-            source = (manifest.get("source") or {}).get("model") if isinstance(manifest, dict) else None
+            source = manifest.source_model
             if isinstance(source, str) and source:
                 self._model_ids.add(source)
             self.engine = load_engine(cfg.artifact, engine=cfg.engine, max_batch=cfg.max_batch,

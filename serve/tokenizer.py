@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +72,22 @@ class GraniteTokenizer:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "GraniteTokenizer":
+    def from_dir(cls, path: str | Path, trusted_files=None) -> "GraniteTokenizer":
+        """trusted_files: the names the artifact's manifest lists (artifact.open_trusted verified them);
+        given, no other file is read, and one present but unlisted is ignored with a warning."""
         path = Path(path)
+
+        def present(name: str) -> bool:
+            exists = (path / name).is_file()
+            if trusted_files is not None and name not in trusted_files:
+                if exists:
+                    logging.getLogger(__name__).warning(
+                        "%s: ignoring %s: the artifact's manifest does not list it", path, name)
+                return False
+            return exists
+
         tokenizer_file = path / "tokenizer.json"
-        if not tokenizer_file.is_file():
+        if not present(tokenizer_file.name):
             raise TokenizerFilesError(f"tokenizer.json not found in {path} (the artifact must ship {tokenizer_file.name})")
         try:
             tok = Tokenizer.from_file(str(tokenizer_file))
@@ -82,7 +95,7 @@ class GraniteTokenizer:
             raise TokenizerFilesError(f"cannot load {tokenizer_file}: {e}") from e
 
         config_file = path / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
+        config = _read_json(config_file) if present(config_file.name) else {}
 
         # Tokens declared only in tokenizer_config's added_tokens_decoder are added, as transformers does.
         for _, entry in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
@@ -93,7 +106,7 @@ class GraniteTokenizer:
 
         special = {k: _token_text(config.get(k)) for k in _NAMED_SPECIAL}
         map_file = path / "special_tokens_map.json"
-        if map_file.is_file():
+        if present(map_file.name):
             # transformers 5 reads this legacy file only when tokenizer_config lacks added_tokens_decoder,
             # and then it wins; otherwise it can only fill gaps.
             legacy = _read_json(map_file)
@@ -105,7 +118,7 @@ class GraniteTokenizer:
 
         stop_ids: set[int] = set()
         for name in ("generation_config.json", "config.json"):
-            if (path / name).is_file():
+            if present(name):
                 try:
                     stop_ids |= _as_id_set(_read_json(path / name).get("eos_token_id"))
                 except TokenizerFilesError:
@@ -114,14 +127,15 @@ class GraniteTokenizer:
         return cls(
             tok,
             special_tokens=special,
-            chat_templates=cls._load_templates(path, config),
+            chat_templates=cls._load_templates(path, config, present),
             add_bos_token=bool(config.get("add_bos_token", False)),
             add_eos_token=bool(config.get("add_eos_token", False)),
             extra_stop_ids=stop_ids,
         )
 
     @staticmethod
-    def _load_templates(path: Path, config: dict) -> str | dict[str, str] | None:
+    def _load_templates(path: Path, config: dict, present=None) -> str | dict[str, str] | None:
+        present = present or (lambda name: (path / name).is_file())
         raw = config.get("chat_template")
         if isinstance(raw, list):  # older format: [{"name": ..., "template": ...}]
             templates = {t["name"]: t["template"] for t in raw}
@@ -131,12 +145,13 @@ class GraniteTokenizer:
             templates = {}
         # transformers 5 saves templates as files; they take precedence over the config entry.
         jinja_file = path / "chat_template.jinja"
-        if jinja_file.is_file():
+        if present(jinja_file.name):
             templates["default"] = jinja_file.read_text(encoding="utf-8")
         extra_dir = path / "additional_chat_templates"
         if extra_dir.is_dir():
             for f in sorted(extra_dir.glob("*.jinja")):
-                templates[f.stem] = f.read_text(encoding="utf-8")
+                if present(f"{extra_dir.name}/{f.name}"):
+                    templates[f.stem] = f.read_text(encoding="utf-8")
         if not templates:
             return None
         if list(templates) == ["default"]:

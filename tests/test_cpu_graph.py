@@ -23,9 +23,9 @@ def cache_shapes(onnx_path):
             for v in (*model.graph.input, *model.graph.output) if v.name.endswith((".key", ".value"))}
 
 
-@pytest.fixture(scope="module")
-def fp32_artifact(tiny_checkpoint, tmp_path_factory):
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("cpu") / "art")
+@pytest.fixture
+def fp32_artifact(tiny_fp32_artifact):
+    return tiny_fp32_artifact  # tests/conftest.py: exported once per session
 
 
 def test_export_writes_a_validated_cpu_flavour_sharing_the_weights(fp32_artifact):

@@ -22,9 +22,9 @@ from granite_deploy.export.tiny import make_tiny_checkpoint
 CLI = [sys.executable, "-m", "granite_deploy.cli"]
 
 
-@pytest.fixture(scope="session")
-def tiny_artifact(tiny_checkpoint, tmp_path_factory):
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("art") / "tiny")
+@pytest.fixture
+def tiny_artifact(tiny_fp32_artifact):
+    return tiny_fp32_artifact  # tests/conftest.py: exported once per session
 
 
 def hf_model(path):

@@ -17,19 +17,8 @@ from granite_deploy.serve.stopping import StoppingParams
 from granite_deploy.serve.tokenizer import GraniteTokenizer
 from harness import run_concurrently
 
-HYBRID = dict(num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"], position_embedding_type="nope",
-              mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_expand=2, mamba_d_conv=4, mamba_chunk_size=64)
+from conftest import HYBRID  # noqa: F401 (the tiny hybrid layout; the checkpoint and artifacts are session fixtures)
 PROMPTS = ["Hello world", "The capital of France is Paris. The capital of Japan is", "def add(a, b):", "🙂 東京", "x"]
-
-
-@pytest.fixture(scope="module")
-def hybrid_checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("hybrid") / "ckpt", seed=1, **HYBRID)
-
-
-@pytest.fixture(scope="module")
-def hybrid_artifact(hybrid_checkpoint, tmp_path_factory):
-    return export(hybrid_checkpoint, tmp_path_factory.mktemp("hybrid-art") / "art")
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +88,11 @@ def test_greedy_equals_transformers_joining_and_leaving(hybrid_artifact, hf):
         assert got == expected
 
 
-def test_fp16_hybrid_export_and_tensorrt_op_check(hybrid_checkpoint, tmp_path):
+def test_fp16_hybrid_export_and_tensorrt_op_check(hybrid_fp16_artifact):
     """Half precision keeps the scan (cumsum, exp of segment sums) and the Mamba states in float32."""
     from granite_deploy.export.opcheck import check_graph_file
 
-    art = export(hybrid_checkpoint, tmp_path / "fp16", dtype="fp16")
+    art = hybrid_fp16_artifact
     m = json.loads((art / "manifest.json").read_text())
     assert m["validation"]["passed"] and m["validation"]["greedy_agreement"] >= 0.95
     assert {s["dtype"] for s in m["graphs"]["decoder"]["state"] if s["kind"] in ("conv", "ssm")} == {"float32"}

@@ -24,14 +24,14 @@ from granite_deploy.export.validate import (
 CLI = [sys.executable, "-m", "granite_deploy.cli"]
 
 
-@pytest.fixture(scope="module")
-def fp16_artifact(tiny_checkpoint, tmp_path_factory):
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("p16") / "a", dtype="fp16")
+@pytest.fixture
+def fp16_artifact(tiny_fp16_artifact):
+    return tiny_fp16_artifact  # tests/conftest.py: exported once per session
 
 
-@pytest.fixture(scope="module")
-def bf16_artifact(tiny_checkpoint, tmp_path_factory):
-    return export(tiny_checkpoint, tmp_path_factory.mktemp("pbf16") / "a", dtype="bf16")
+@pytest.fixture
+def bf16_artifact(tiny_bf16_artifact):
+    return tiny_bf16_artifact
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,9 @@ def test_fp16_artifact_runs_in_onnxruntime_engine(fp16_artifact, torch_model):
     from granite_deploy.engines.base import Chunk
     from granite_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine, state_specs
 
-    specs = state_specs(manifest(fp16_artifact)["graphs"]["decoder"])
+    from granite_deploy.artifact import load_manifest
+
+    specs = state_specs(load_manifest(fp16_artifact).graph("decoder"))
     assert specs and all(st["dtype"] == np.float16 for st in specs)
     eng = OnnxRuntimeEngine(fp16_artifact, max_batch=2, threads=2)
     assert eng.info.precision == "fp16"

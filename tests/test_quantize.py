@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import QUANTIZE_TEST_GATE
 from granite_deploy.artifact import ArtifactError, verify
 
 # Measured on the conftest tiny model (seed 0), gate's teacher-forced agreement over 4 prompts x 64
@@ -29,18 +30,17 @@ STEPS = 16
 
 
 @pytest.fixture(scope="module")
-def fp32_artifact(tiny_checkpoint, tmp_path_factory):
-    from granite_deploy.export.exporter import export
-
-    return export(str(tiny_checkpoint), tmp_path_factory.mktemp("q") / "fp32")
+def fp32_artifact(tiny_fp32_artifact):
+    return tiny_fp32_artifact  # tests/conftest.py: exported once per session
 
 
 @pytest.fixture(scope="module")
-def quantized(fp32_artifact):
-    """method -> quantized artifact folder, made once per module."""
+def quantized(fp32_artifact, tiny_qdq_artifact):
+    """method -> quantized artifact folder, made once per module (int8-qdq: once per session, conftest.py)."""
     from granite_deploy.export.quantize import quantize
 
-    made = {}
+    assert GATE == QUANTIZE_TEST_GATE
+    made = {"int8-qdq": tiny_qdq_artifact}
 
     def get(method: str) -> Path:
         if method not in made:
@@ -99,7 +99,7 @@ def _graph_io(path):
 @pytest.mark.parametrize("method,bits", [("int8", 8), ("int4", 4)])
 def test_weight_only_artifact(fp32_artifact, quantized, method, bits):
     out = quantized(method)
-    manifest = verify(out)  # every sha256 matches and ONNX Runtime loads the graph
+    manifest = verify(out).to_dict()  # every sha256 matches and ONNX Runtime loads the graph
     src = json.loads((fp32_artifact / "manifest.json").read_text())
     g = manifest["graphs"]["decoder"]
     assert g["precision"] == f"int{bits}-weight-only"
@@ -148,7 +148,7 @@ def test_int8_qdq_graph(fp32_artifact, quantized):
     from onnx import TensorProto, numpy_helper
 
     out = quantized("int8-qdq")
-    manifest = verify(out)
+    manifest = verify(out).to_dict()
     g = manifest["graphs"]["decoder"]
     assert g["precision"] == "int8-qdq" and g["engines"] == ["onnxruntime", "tensorrt"]
     assert g["onnxruntime_only_ops"] is False and list(g["op_domains"]) == ["ai.onnx"]
@@ -216,7 +216,7 @@ def test_gate_refuses_and_skip_gate_records(fp32_artifact, tmp_path, capsys):
     rc = main(["quantize", str(fp32_artifact), "--output", str(out), "--int4", "--min-agreement", "1.01",
                "--max-ppl-increase", "0.5", "--skip-gate"])
     assert rc == 0
-    m = verify(out)
+    m = verify(out).to_dict()
     a = m["accuracy"]
     assert not a["passed"] and a["gate"].startswith("skipped") and a["thresholds"]["min_greedy_agreement"] == 1.01
     assert len(a["failures"]) == 1 and "greedy agreement" in a["failures"][0]
@@ -279,22 +279,15 @@ def test_bad_input(fp32_artifact, quantized, tiny_checkpoint, tmp_path, capsys):
     assert not (tmp_path / "o2").exists()
 
 
-# The conftest-style tiny hybrid (Mamba2 + attention, NoPE) model, as tests/test_hybrid.py builds it.
-HYBRID = dict(num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"], position_embedding_type="nope",
-              mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_expand=2, mamba_d_conv=4, mamba_chunk_size=64)
-
-
-def test_hybrid_model_int8(tmp_path_factory):
+def test_hybrid_model_int8(hybrid_artifact, tmp_path_factory):
     """Granite 4.0 H layout: Mamba in/out projections are quantized, the engine's per-layer conv/ssm
     state binding is unchanged (measured teacher-forced agreement 57/64)."""
-    from granite_deploy.export.exporter import export
     from granite_deploy.export.quantize import quantize
-    from granite_deploy.export.tiny import make_tiny_checkpoint
 
     base = tmp_path_factory.mktemp("q-hybrid")
-    fp32 = export(str(make_tiny_checkpoint(base / "ckpt", seed=1, **HYBRID)), base / "fp32")
+    fp32 = hybrid_artifact  # tests/conftest.py: exported once per session
     out = quantize(fp32, base / "int8", "int8", thresholds=GATE["int8"])
-    m = verify(out)
+    m = verify(out).to_dict()
     assert "model.layers.0.mamba.in_proj.weight_t" in m["quantization"]["weights"]
     assert "model.layers.0.mamba.out_proj.weight_t" in m["quantization"]["weights"]
     src = json.loads((fp32 / "manifest.json").read_text())

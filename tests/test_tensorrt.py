@@ -21,15 +21,10 @@ CLI = [sys.executable, "-m", "granite_deploy.cli"]
 TRT_SKIP = "tensorrt is not installed (needs an NVIDIA GPU machine)"
 
 
-@pytest.fixture(scope="module")
-def artifacts(tiny_checkpoint, tmp_path_factory):
-    """fp32 (validated) and fp16/bf16 (graph only, validation covered in test_precision.py) artifacts."""
-    root = tmp_path_factory.mktemp("trt")
-    return {
-        "fp32": export(tiny_checkpoint, root / "fp32"),
-        "fp16": export(tiny_checkpoint, root / "fp16", dtype="fp16", validate=False),
-        "bf16": export(tiny_checkpoint, root / "bf16", dtype="bf16", validate=False),
-    }
+@pytest.fixture
+def artifacts(tiny_fp32_artifact, tiny_fp16_artifact, tiny_bf16_artifact):
+    """The session's fp32, fp16 and bf16 artifacts (tests/conftest.py; none of these tests changes them)."""
+    return {"fp32": tiny_fp32_artifact, "fp16": tiny_fp16_artifact, "bf16": tiny_bf16_artifact}
 
 
 # --- op check (export/opcheck.py, `granite-deploy check-ops`) ---------------------------------------
@@ -155,25 +150,91 @@ def test_build_without_tensorrt_exits_nonzero_naming_what_is_missing(artifacts):
     assert (art / "manifest.json").read_bytes() == before and sorted(p.name for p in art.iterdir()) == files_before
 
 
-def test_profiles_agree_and_cover_the_graph_inputs(artifacts):
-    from granite_deploy.engines.tensorrt_build import DECODE, PREFILL, check_profiles, plan_profiles
+@pytest.fixture
+def qdq_artifact(tiny_qdq_artifact):
+    return tiny_qdq_artifact
 
-    m = json.loads((artifacts["fp32"] / "manifest.json").read_text())
-    arch = m["architecture"]
-    profiles = plan_profiles(arch, max_batch=4, max_seq=128, opt_seq=32)
-    assert check_profiles(profiles) == []
-    graph_inputs = {s["name"] for s in m["graphs"]["decoder"]["inputs"]} - {"num_logits_to_keep"}
-    assert set(profiles[PREFILL]) == set(profiles[DECODE]) == graph_inputs
-    assert profiles[PREFILL]["input_ids"] == [[1, 1], [1, 32], [1, 128]]
-    assert profiles[DECODE]["input_ids"] == [[1, 1], [4, 1], [4, 1]]
-    kv, d = arch["num_kv_heads"], arch["head_dim"]
-    assert profiles[DECODE]["past_key_values.0.key"] == [[1, kv, 128, d], [4, kv, 128, d], [4, kv, 128, d]]
-    assert profiles[PREFILL]["past_key_values.2.value"] == [[1, kv, 128, d]] * 3
+
+def _onnx_inputs(path) -> set[str]:
+    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.input}
+
+
+def test_profiles_agree_and_cover_the_graph_inputs(artifacts):
+    from granite_deploy.artifact import load_manifest
+    from granite_deploy.engines.tensorrt_build import check_profiles, plan_profiles
+
+    m = load_manifest(artifacts["fp32"])
+    graph = m.graph("decoder")
+    prefill, decode = profiles = plan_profiles(graph, max_batch=4, max_seq=128, opt_seq=32)
+    assert check_profiles(profiles, graph) == []
+    assert set(prefill) == set(decode) == _onnx_inputs(artifacts["fp32"] / "model.onnx")
+    assert prefill["input_ids"] == {"min": [1, 1], "opt": [1, 32], "max": [1, 128]}
+    assert decode["input_ids"] == {"min": [1, 1], "opt": [4, 1], "max": [4, 1]}
+    assert prefill["num_logits_to_keep"] == {"min": [], "opt": [], "max": []}
+    kv, d = m.architecture.num_kv_heads, m.architecture.head_dim
+    assert decode["past_key_values.0.key"] == {"min": [1, kv, 128, d], "opt": [4, kv, 128, d], "max": [4, kv, 128, d]}
+    assert prefill["past_key_values.2.value"] == {k: [1, kv, 128, d] for k in ("min", "opt", "max")}
     broken = json.loads(json.dumps(profiles))
-    broken[DECODE]["position_ids"][2][0] = 3  # disagrees with input_ids' batch
-    broken[PREFILL]["past_key_values.0.key"][2][2] = 64  # capacity below the sequence
-    problems = check_profiles(broken)
+    broken[1]["position_ids"]["max"][0] = 3  # disagrees with input_ids' batch
+    broken[0]["past_key_values.0.key"]["max"][2] = 64  # capacity below the sequence
+    del broken[1]["past_key_values.1.key"]
+    problems = check_profiles(broken, graph)
     assert any("disagree on batch" in p for p in problems) and any("capacity 64 < sequence 128" in p for p in problems)
+    assert any("missing ['past_key_values.1.key']" in p for p in problems)
+
+
+def _plan_only(art, *args):
+    r = subprocess.run(CLI + ["build", str(art), "--plan-only", *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fp16", "bf16", "int8-qdq", "hybrid", "hybrid-fp16"])
+def test_plan_only_profiles_cover_exactly_the_graph_inputs(kind, artifacts, hybrid_artifact, hybrid_fp16_artifact,
+                                                           qdq_artifact):
+    """`build --plan-only` needs neither TensorRT nor a GPU; every profile names exactly the ONNX graph's inputs,
+    KV inputs at the static capacity, Mamba conv/ssm state at its fixed per-sequence shape."""
+    from granite_deploy.artifact import load_manifest
+
+    art = {**artifacts, "int8-qdq": qdq_artifact, "hybrid": hybrid_artifact, "hybrid-fp16": hybrid_fp16_artifact}[kind]
+    plan = _plan_only(art, "--max-batch", "3", "--max-seq", "96", "--opt-seq", "16")
+    names = _onnx_inputs(art / "model.onnx")
+    assert len(plan["profiles"]) == 2 and plan["profile_names"] == ["prefill", "decode"]
+    for profile in plan["profiles"]:
+        assert set(profile) == names
+        for shapes in profile.values():
+            assert set(shapes) == {"min", "opt", "max"}
+    prefill, decode = plan["profiles"]
+    m = load_manifest(art)
+    for st in m.graph("decoder").state:
+        if st.kind == "kv":
+            assert decode[st.input]["max"] == [3, *st.row_shape(96)] and prefill[st.input]["min"][0] == 1
+        else:
+            assert decode[st.input] == {"min": [1, *st.shape], "opt": [3, *st.shape], "max": [3, *st.shape]}
+    if kind.startswith("hybrid"):
+        kinds = {st.kind for st in m.graph("decoder").state}
+        assert kinds == {"kv", "conv", "ssm"} and any(n.endswith(".conv") for n in prefill)
+    assert prefill["input_ids"]["max"] == [1, 96] and decode["input_ids"]["max"] == [3, 1]
+
+
+def test_plan_only_refuses_bad_options_and_onnxruntime_only_graphs(artifacts, qdq_artifact, tmp_path):
+    art = artifacts["fp32"]
+    for args, field in ((["--max-batch", "0"], "--max-batch"), (["--max-seq", "100000"], "--max-seq"),
+                        (["--max-seq", "64", "--opt-seq", "65"], "--opt-seq")):
+        r = subprocess.run(CLI + ["build", str(art), "--plan-only", *args], capture_output=True, text=True)
+        assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run(CLI + ["build", str(tmp_path / "nowhere"), "--plan-only"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no such directory" in r.stderr
+    # build checks the artifact before the machine: a tampered graph is refused (exit 3) even without TensorRT.
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(art, bad)
+    data = bytearray((bad / "model.onnx").read_bytes())
+    data[-1] ^= 1
+    (bad / "model.onnx").write_bytes(bytes(data))
+    r = subprocess.run(CLI + ["build", str(bad), "--max-seq", "64"], capture_output=True, text=True)
+    assert r.returncode == 3 and "model.onnx: contents changed" in r.stderr and TRT_SKIP not in r.stderr
 
 
 # --- plan records: selection, refusal, fallback (simulated machines, tensorrt never imported) -----
@@ -191,18 +252,19 @@ def artifact_with_h100_plan(artifacts, tmp_path):
     """A copy of the fp32 artifact whose manifest records a (fake) plan built on an H100."""
     import shutil
 
-    from granite_deploy.engines.tensorrt_build import plan_filename, plan_profiles, record_plan
+    from granite_deploy.artifact import load_manifest
+    from granite_deploy.engines.tensorrt_build import PROFILE_NAMES, plan_filename, plan_profiles, record_plan
+    from granite_deploy.manifest import PlanRecord, ProfileRecord
 
     art = tmp_path / "art"
     shutil.copytree(artifacts["fp32"], art)
     name = plan_filename(H100)
     (art / name).write_bytes(b"not a real plan")
-    arch = json.loads((art / "manifest.json").read_text())["architecture"]
-    profiles = plan_profiles(arch, 2, 64, 16)
-    record_plan(art, {"file": name, "tensorrt_version": H100["tensorrt"], "gpu_name": H100["gpu"],
-                      "compute_capability": H100["compute_capability"], "precision": "fp32",
-                      "profiles": [{"name": n, "index": i, "shapes": profiles[n]} for i, n in
-                                   enumerate(profiles)], "max_batch": 2, "max_seq": 64, "cache_capacity": 64})
+    profiles = plan_profiles(load_manifest(art).graph("decoder"), 2, 64, 16)
+    record_plan(art, PlanRecord(file=name, tensorrt_version=H100["tensorrt"], gpu_name=H100["gpu"],
+                                compute_capability=H100["compute_capability"], precision="fp32",
+                                profiles=tuple(ProfileRecord(n, i, profiles[i]) for i, n in enumerate(PROFILE_NAMES)),
+                                max_batch=2, max_seq=64, cache_capacity=64))
     return art
 
 
@@ -210,8 +272,11 @@ def test_plan_record_is_hashed_in_the_manifest(artifact_with_h100_plan):
     from granite_deploy.artifact import verify
 
     m = verify(artifact_with_h100_plan, load_graph=False)
-    assert m["tensorrt_plans"][0]["file"] == "model.sm90.trt10.15.1.29.plan"
-    assert "model.sm90.trt10.15.1.29.plan" in m["files"]
+    assert m.plans[0].file == "model.sm90.trt10.15.1.29.plan" and m.plans[0].profile_index("decode") == 1
+    assert "model.sm90.trt10.15.1.29.plan" in m.files
+    on_disk = json.loads((artifact_with_h100_plan / "manifest.json").read_text())
+    assert on_disk["tensorrt_plans"][0]["profiles"][1]["shapes"]["input_ids"] == {"min": [1, 1], "opt": [2, 1],
+                                                                                "max": [2, 1]}
     (artifact_with_h100_plan / "model.sm90.trt10.15.1.29.plan").write_bytes(b"tampered")
     from granite_deploy.artifact import ArtifactError
 
@@ -229,8 +294,9 @@ def test_plan_for_another_machine_is_refused(artifact_with_h100_plan, monkeypatc
     from granite_deploy.engines.base import EngineError
     from granite_deploy.engines.tensorrt_build import plan_compatibility
 
-    m = json.loads((artifact_with_h100_plan / "manifest.json").read_text())
-    record = m["tensorrt_plans"][0]
+    from granite_deploy.artifact import load_manifest
+
+    record = load_manifest(artifact_with_h100_plan).plans[0]
     assert plan_compatibility(record, H100) == []
     (problem,) = plan_compatibility(record, runtime)
     for text in expected:
@@ -322,11 +388,11 @@ def test_build_and_greedy_parity_with_onnxruntime(gpu, artifacts, dtype, tmp_pat
     shutil.copytree(artifacts[dtype], art)
     cache = tmp_path / "timing.cache"
     record = build(art, max_batch=4, max_seq=128, opt_seq=16, timing_cache=cache)
-    assert (art / record["file"]).is_file() and cache.is_file()
-    assert record["tensorrt_version"] == gpu.__version__ and record["precision"] == dtype
-    assert [p["name"] for p in record["profiles"]] == ["prefill", "decode"]
+    assert (art / record.file).is_file() and cache.is_file()
+    assert record.tensorrt_version == gpu.__version__ and record.precision == dtype
+    assert [p.name for p in record.profiles] == ["prefill", "decode"]
     m = verify(art, load_graph=False)
-    assert m["tensorrt_plans"][-1]["file"] == record["file"] and record["file"] in m["files"]
+    assert m.plans[-1].file == record.file and record.file in m.files
 
     trt_engine = load_engine(art, max_batch=4)
     assert isinstance(trt_engine, TensorRTEngine) and trt_engine.info.kind == "tensorrt"
@@ -354,7 +420,7 @@ def test_timing_cache_is_reused(gpu, artifacts, tmp_path):
     cache = tmp_path / "timing.cache"
     first = build(art, max_batch=2, max_seq=64, opt_seq=8, timing_cache=cache)
     second = build(art, max_batch=2, max_seq=64, opt_seq=8, timing_cache=cache)
-    assert first["timing_cache"]["reused"] is False and second["timing_cache"]["reused"] is True
+    assert first.extra["timing_cache"]["reused"] is False and second.extra["timing_cache"]["reused"] is True
     m = json.loads((art / "manifest.json").read_text())
     assert len(m["tensorrt_plans"]) == 1  # same GPU + version: the record is replaced, not duplicated
 

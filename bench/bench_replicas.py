@@ -87,7 +87,10 @@ def run_load(targets: list[str], concurrency: int, rounds: int, new_tokens: int)
             for _ in range(rounds):
                 t0 = time.perf_counter()
                 first, count = None, 0
-                for msg in client.generate_stream(PROMPT, max_new_tokens=new_tokens, min_new_tokens=new_tokens):
+                # generated_tokens: one message per token, even when its text is empty (random weights
+                # over a small tokenizer pick ids whose text deltas are held back)
+                for msg in client.generate_stream(PROMPT, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                  generated_tokens=True):
                     if msg.generated_token_count and first is None:
                         first = time.perf_counter()
                     count = max(count, msg.generated_token_count)

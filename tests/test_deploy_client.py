@@ -171,18 +171,22 @@ def test_round_robin_over_replicas_and_health_checking(replicas):
             _set_health(b, health_pb2.HealthCheckResponse.SERVING)
 
 
-def test_unavailable_before_output_is_retried_on_another_replica(replicas):
+def test_unavailable_before_output_is_retried_on_another_replica(deploy_tiny_artifact, replicas):
     """A replica that refuses with UNAVAILABLE (draining) before any output: gRPC's retry policy
-    sends the call to the other one; without the policy half the calls would fail."""
-    a, b = replicas
-    b.server.scheduler.stop_accepting()  # b answers UNAVAILABLE "shutting down" to new generations
+    sends the call to the other one; without the policy some of the calls fail."""
+    a = replicas[0]
+    refuser = ServerThread(ServerConfig(str(deploy_tiny_artifact), host="127.0.0.1", port=0, threads=1)).wait_ready()
+    refuser.server.scheduler.stop_accepting()  # answers UNAVAILABLE "shutting down" to new generations
     try:
-        with GraniteClient([a.target, b.target], timeout=30, health_check=False) as client:
+        with GraniteClient([a.target, refuser.target], timeout=30, health_check=False) as client:
             for _ in range(6):
                 assert client.generate("Hello", max_new_tokens=2, min_new_tokens=2).generated_token_count == 2
                 msgs = list(client.generate_stream("Hello", max_new_tokens=2, min_new_tokens=2))
                 assert msgs[-1].generated_token_count == 2
-        with GraniteClient([a.target, b.target], timeout=30, health_check=False, retry=False) as client:
+        refused = sum(smp.value for m in refuser.server.metrics.registry.collect() if m.name == "rejections"
+                      for smp in m.samples if smp.name == "rejections_total")
+        assert refused >= 1  # round_robin did send calls to it: they were retried on a
+        with GraniteClient([a.target, refuser.target], timeout=30, health_check=False, retry=False) as client:
             codes = []
             for _ in range(6):
                 try:
@@ -191,8 +195,7 @@ def test_unavailable_before_output_is_retried_on_another_replica(replicas):
                     codes.append(exc.code())
             assert codes and set(codes) == {grpc.StatusCode.UNAVAILABLE}
     finally:
-        with b.server.scheduler._lock:
-            b.server.scheduler._accepting = True
+        refuser.stop()
 
 
 def test_stream_that_produced_output_is_not_retried(deploy_tiny_artifact, replicas):

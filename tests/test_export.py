@@ -283,6 +283,10 @@ def test_failed_validation_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch
     with pytest.raises(ExportError, match="validation failed"):
         export(tiny_checkpoint, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+    from granite_deploy.cli import main
+
+    assert main(["export", "--model", str(tiny_checkpoint), "--output", str(tmp_path / "out")]) == 3  # gate failure
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupted_export_leaves_nothing_that_looks_valid(tiny_checkpoint, tmp_path, monkeypatch):

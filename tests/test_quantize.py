@@ -210,7 +210,7 @@ def test_gate_refuses_and_skip_gate_records(fp32_artifact, tmp_path, capsys):
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no partial folder left either
 
     rc = main(["quantize", str(fp32_artifact), "--output", str(out), "--int4", "--min-agreement", "1.01"])
-    assert rc != 0 and not out.exists()
+    assert rc == 3 and not out.exists()  # exit 3: a gate failure, not bad input
     assert "accuracy gate failed" in capsys.readouterr().err
 
     rc = main(["quantize", str(fp32_artifact), "--output", str(out), "--int4", "--min-agreement", "1.01",

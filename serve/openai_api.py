@@ -193,12 +193,6 @@ async def _merged(streams) -> AsyncIterator[list[tuple[int, list]]]:
             t.cancel()
 
 
-def _sse(objs) -> bytes:
-    """Chunks (dicts, or the literal [DONE]) as SSE events in one payload."""
-    return b"".join(b"data: " + (o.encode() if isinstance(o, str) else p.sse_data(o).encode()) + b"\n\n"
-                    for o in objs)
-
-
 def _error_event(final) -> OpenAIError:
     return OpenAIError(500, f"generation failed: {final.error or 'engine error'}", "server_error", None,
                        "generation_failed")
@@ -416,24 +410,23 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
 
     async def _chat_sse(call, streams, builders, chunk_id, created_at, model, include_usage):
         status = "CANCELLED"
+        enc = p.ChunkEncoder(chunk_id, "chat.completion.chunk", created_at, model, include_usage)
         try:
-            yield _sse(p.chat_chunk(chunk_id, created_at, model, [choice], None, include_usage)
-                       for b in builders for choice in b.start())
+            yield b"".join(enc.choice(choice) for b in builders for choice in b.start())
             async for group in _merged(streams):
                 out = []
                 for i, batch in group:
                     final = batch[-1] if batch[-1].kind == "final" else None
                     if final is not None and final.stop_reason == StopReason.ERROR:
-                        yield _sse(out + [_error_event(final).body()])
+                        yield b"".join(out) + enc.event(_error_event(final).body())
                         status = 500
                         return
-                    out += [p.chat_chunk(chunk_id, created_at, model, [choice], None, include_usage)
-                            for choice in builders[i].events(batch)]
+                    out += [enc.choice(choice) for choice in builders[i].events(batch)]
                 if out:
-                    yield _sse(out)
-            tail = [p.chat_chunk(chunk_id, created_at, model, [], _usage(builders), include_usage)] \
-                if include_usage else []
-            yield _sse(tail + ["[DONE]"])
+                    yield b"".join(out)
+            tail = enc.event(p.chat_chunk(chunk_id, created_at, model, [], _usage(builders), True)) \
+                if include_usage else b""
+            yield tail + enc.DONE
             status = 200
         finally:
             _cancel_all(streams)
@@ -540,22 +533,22 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
 
     async def _completion_sse(call, streams, builders, chunk_id, created_at, model, include_usage, prompt_tokens, n):
         status = "CANCELLED"
+        enc = p.ChunkEncoder(chunk_id, "text_completion", created_at, model, include_usage)
         try:
             async for group in _merged(streams):
                 out = []
                 for i, batch in group:
                     final = batch[-1] if batch[-1].kind == "final" else None
                     if final is not None and final.stop_reason == StopReason.ERROR:
-                        yield _sse(out + [_error_event(final).body()])
+                        yield b"".join(out) + enc.event(_error_event(final).body())
                         status = 500
                         return
-                    out += [p.completion_chunk(chunk_id, created_at, model, [choice], None, include_usage)
-                            for choice in builders[i].events(batch)]
+                    out += [enc.choice(choice) for choice in builders[i].events(batch)]
                 if out:
-                    yield _sse(out)
-            tail = [p.completion_chunk(chunk_id, created_at, model, [], _usage(builders, prompt_tokens, n),
-                                       include_usage)] if include_usage else []
-            yield _sse(tail + ["[DONE]"])
+                    yield b"".join(out)
+            tail = enc.event(p.completion_chunk(chunk_id, created_at, model, [], _usage(builders, prompt_tokens, n),
+                                                True)) if include_usage else b""
+            yield tail + enc.DONE
             status = 200
         finally:
             _cancel_all(streams)

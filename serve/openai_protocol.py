@@ -448,6 +448,27 @@ def sse_data(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+class ChunkEncoder:
+    """One streamed response's SSE events as bytes. The fields every chunk repeats (id, object,
+    created, model, ``usage: null`` with include_usage) are encoded once; per chunk only the
+    choice is serialised."""
+
+    def __init__(self, chunk_id: str, obj: str, created: int, model: str, include_usage: bool):
+        head = {"id": chunk_id, "object": obj, "created": created, "model": model, "system_fingerprint": None}
+        if include_usage:
+            head["usage"] = None
+        self._head = f'data: {sse_data(head)[:-1]},"choices":['.encode()
+
+    def choice(self, choice: dict) -> bytes:
+        return self._head + sse_data(choice).encode() + b"]}\n\n"
+
+    @staticmethod
+    def event(obj: dict) -> bytes:
+        return b"data: " + sse_data(obj).encode() + b"\n\n"
+
+    DONE = b"data: [DONE]\n\n"
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 

@@ -251,3 +251,12 @@ def test_http_api_imports_without_torch():
             "import granite_deploy.serve.openai_api, granite_deploy.serve.server\n"
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_chunk_encoder_bytes_parse_to_the_chunk():
+    enc = p.ChunkEncoder("chatcmpl-1", "chat.completion.chunk", 7, "m", include_usage=True)
+    choice = {"index": 0, "delta": {"content": "é\n"}, "logprobs": None, "finish_reason": None}
+    raw = enc.choice(choice)
+    assert raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2
+    assert json.loads(raw[6:]) == p.chat_chunk("chatcmpl-1", 7, "m", [choice], None, True)
+    assert p.ChunkEncoder.DONE == b"data: [DONE]\n\n"

@@ -227,6 +227,7 @@ def _cmd_serve(args) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token=args.auth_token, model_id=args.model_id, max_new_tokens_limit=args.max_new_tokens_limit,
         max_message_bytes=args.max_message_bytes, drain_grace_s=args.grace, prefill_chunk=args.prefill_chunk,
+        http_port=args.http_port, http_host=args.http_host,
         verify_hashes=not args.skip_verify, manifest_digest=args.manifest_digest,
         prefix_cache_mb=args.prefix_cache_mb,
         strict_model_id=args.strict_model_id, adapters=_adapter_options(args.adapter),
@@ -239,6 +240,8 @@ def _cmd_serve(args) -> int:
 
     def ready(server) -> None:
         extra = f", metrics on :{server.metrics_port}" if server.metrics_port else ""
+        if server.http_port is not None:
+            extra += f", OpenAI-compatible HTTP on {args.http_host or args.host}:{server.http_port}"
         tls = ", mTLS" if args.tls_client_ca else (", TLS" if args.tls_cert else "")
         print(f"serving {args.artifact} on {args.host}:{server.port} (engine {server.engine_description()}"
               f"{tls}{extra})", flush=True)
@@ -479,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting beyond the batch before RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics HTTP port (default 0: off)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                        "/v1/models, /health, /ready, /metrics) on this port, same batch as gRPC (0: any free port)")
+    p.add_argument("--http-host", default=None, help="address of the HTTP API (default: --host)")
     p.add_argument("--tls-cert", help="PEM server certificate (with --tls-key: TLS)")
     p.add_argument("--tls-key", help="PEM server private key")
     p.add_argument("--tls-client-ca", help="PEM CA for client certificates (mutual TLS: clients must present one)")

@@ -453,10 +453,14 @@ def test_tool_calls_unary_and_streamed(server, client):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "Let me check."
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == \
         ["tool_calls"]
-    # tool_choice "none": the text stays text
+    # tool_choice "none": no call; with structured generation the model cannot even write the tag
     assert none.choices[0].message.tool_calls is None
-    assert none.choices[0].message.content == SCRIPT_TEXT
-    assert none.choices[0].finish_reason == "stop"
+    if constraints_available(st.server.tokenizer):
+        assert "<tool_call>" not in none.choices[0].message.content
+        assert none.choices[0].message.content.startswith("Let me check.")
+    else:
+        assert none.choices[0].message.content == SCRIPT_TEXT
+        assert none.choices[0].finish_reason == "stop"
 
 
 def test_tool_call_round_trip_counts_the_template(server, client, hf_tokenizer):
@@ -691,7 +695,13 @@ def _make_pki(tmp_path):
                                          "extendedKeyUsage=serverAuth\n")
     run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
         "-out", "server.pem", "-extfile", "server.ext")
-    return {k: str(tmp_path / v) for k, v in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"))}
+    run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "client.key")
+    run("req", "-new", "-key", "client.key", "-subj", "/CN=granite-client", "-out", "client.csr")
+    (tmp_path / "client.ext").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    run("x509", "-req", "-in", "client.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+        "-out", "client.pem", "-extfile", "client.ext")
+    return {k: str(tmp_path / v) for k, v in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"),
+                                              ("client_cert", "client.pem"), ("client_key", "client.key"))}
 
 
 def test_tls(tiny_artifact, tmp_path):
@@ -709,6 +719,20 @@ def test_tls(tiny_artifact, tmp_path):
             untrusted.models.list()  # the test CA is not trusted by default
         with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
             _raw(st, "GET", "/health")  # plaintext against TLS
+    with ServerThread(_config(tiny_artifact, max_batch=2, tls_cert=pki["cert"], tls_key=pki["key"],
+                              tls_client_ca=pki["ca"])) as st:  # mutual TLS: a client certificate is required
+        base = f"https://localhost:{st.server.http_port}/v1"
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=pki["ca"])
+        ctx.load_cert_chain(pki["client_cert"], pki["client_key"])
+        http_client = openai.DefaultHttpx2Client(verify=ctx)
+        with openai.OpenAI(base_url=base, api_key="x", max_retries=0, http_client=http_client) as cl:
+            assert cl.models.list().data[0].id == st.server.model_id
+        with openai.OpenAI(base_url=base, api_key="x", max_retries=0,
+                           http_client=openai.DefaultHttpx2Client(verify=pki["ca"])) as no_cert, \
+                pytest.raises(openai.APIConnectionError):
+            no_cert.models.list()
 
 
 def test_cli_serve_http_with_token_from_the_environment(tiny_artifact):

@@ -197,7 +197,8 @@ class ChatEventBuilder:
                     stop_reason=int(event.stop_reason), stop_sequence=event.stop_sequence,
                     prompt_token_count=event.prompt_token_count, completion_token_count=event.generated_count,
                     queue_time_ms=event.queue_time_s * 1000.0,
-                    time_to_first_token_ms=event.time_to_first_token_s * 1000.0)))
+                    time_to_first_token_ms=event.time_to_first_token_s * 1000.0,
+                    cached_prompt_tokens=event.cached_prompt_tokens)))
         return out
 
 

@@ -41,6 +41,10 @@ class HostMemory:
     def zeros(self, shape: tuple, dtype) -> np.ndarray:
         return np.zeros(shape, dtype)
 
+    def empty(self, shape: tuple, dtype) -> np.ndarray:
+        """Uninitialised (for buffers a copy fills at once: snapshots)."""
+        return np.empty(shape, dtype)
+
     def bind(self, binding, name: str, buf: np.ndarray, rows: slice, output_name: str | None = None,
              out_buf: np.ndarray | None = None) -> None:
         """Bind rows of `buf` as input `name`; and as output `output_name` (in place), or rows of
@@ -145,6 +149,12 @@ class CudaMemory:
         buf = DeviceBuffer(value, shape, dtype)
         self._check(self.rt.cudaMemset(buf.ptr, 0, buf.nbytes), "cudaMemset")
         return buf
+
+    def empty(self, shape: tuple, dtype) -> DeviceBuffer:
+        import onnxruntime as ort
+
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, "cuda", self.device_id)
+        return DeviceBuffer(value, shape, dtype)
 
     def bind(self, binding, name: str, buf: DeviceBuffer, rows: slice, output_name: str | None = None,
              out_buf: DeviceBuffer | None = None) -> None:

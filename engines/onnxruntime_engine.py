@@ -193,7 +193,7 @@ class OnnxRuntimeEngine(Engine):
         buffers, nbytes = {}, 0
         for st in self.states:
             if st["kind"] == "kv":
-                snap = self.memory.zeros(self._kv_shape(st, 1, n), st["dtype"])
+                snap = self.memory.empty(self._kv_shape(st, 1, n), st["dtype"])
                 self.memory.copy(snap, 0, self._buffers[st["input"]], row, self._axis[st["input"]], n, src_start=start)
                 buffers[st["input"]] = snap
                 nbytes += self.memory.nbytes(snap)
@@ -205,7 +205,7 @@ class OnnxRuntimeEngine(Engine):
         row, buffers, nbytes = self.slots.rows[seq_id], {}, 0
         for st in self.states:
             if st["kind"] != "kv":
-                snap = self.memory.zeros((1, *st["shape"]), st["dtype"])
+                snap = self.memory.empty((1, *st["shape"]), st["dtype"])
                 self.memory.copy(snap, 0, self._buffers[st["input"]], row, None)
                 buffers[st["input"]] = snap
                 nbytes += self.memory.nbytes(snap)

@@ -157,14 +157,6 @@ def _read_bytes(path: str | None, what: str) -> bytes | None:
         raise ValueError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
 
 
-def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials from PEM files (None: plaintext). A client CA turns on mutual TLS."""
-    if not (config.tls_cert or config.tls_key or config.tls_client_ca):
-        return None
-    if not (config.tls_cert and config.tls_key):
-        raise ValueError("--tls-cert/--tls-key: both are needed for TLS (and for --tls-client-ca)")
-    cert = _read_bytes(config.tls_cert, "--tls-cert")
-    key = _read_bytes(config.tls_key, "--tls-key")
 def _check_port_free(host: str, port: int, option: str) -> None:
     import socket
 
@@ -176,6 +168,14 @@ def _check_port_free(host: str, port: int, option: str) -> None:
             raise InvalidField(option, f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files (None: plaintext). A client CA turns on mutual TLS."""
+    if not (config.tls_cert or config.tls_key or config.tls_client_ca):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("--tls-cert/--tls-key: both are needed for TLS (and for --tls-client-ca)")
+    cert = _read_bytes(config.tls_cert, "--tls-cert")
+    key = _read_bytes(config.tls_key, "--tls-key")
     ca = _read_bytes(config.tls_client_ca, "--tls-client-ca")
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
@@ -211,6 +211,9 @@ class GraniteServer:
         self.model_id = config.model_id or Path(config.artifact).resolve().name
         self._model_ids = {self.model_id}
         self._stopped = asyncio.Event()
+        self.fatal: str | None = None  # why the engine became unusable while serving
+        self._fatal_event = asyncio.Event()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._shut_down = False
         self._drain_task: asyncio.Task | None = None
 
@@ -219,9 +222,6 @@ class GraniteServer:
     def ready(self) -> bool:
         return bool(self.session and self.session.ready)
 
-        self.fatal: str | None = None  # why the engine became unusable while serving
-        self._fatal_event = asyncio.Event()
-        self._event_loop: asyncio.AbstractEventLoop | None = None
     @property
     def context_window(self) -> int:
         return self.session.context_window if self.session else 0
@@ -237,7 +237,12 @@ class GraniteServer:
     # --- lifecycle ----------------------------------------------------------------------
     async def start(self) -> "GraniteServer":
         cfg = self.config
+        self._event_loop = asyncio.get_running_loop()
         credentials = server_credentials(cfg)  # fail fast on bad TLS files, before loading the model
+        if cfg.port:  # a busy port: one clear line (gRPC would also log its own error)
+            _check_port_free(cfg.host, cfg.port, "--port")
+        if cfg.metrics_port:  # fail fast on a busy metrics port too (it is opened after loading)
+            _check_port_free(cfg.metrics_host or cfg.host, cfg.metrics_port, "--metrics-port")
         for name in ("",) + SERVICE_NAMES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         interceptors = []
@@ -245,12 +250,7 @@ class GraniteServer:
             interceptors.append(BearerTokenInterceptor(cfg.auth_token,
                                                        on_reject=lambda: self._rejected("unauthenticated")))
         interceptors.append(MalformedRequestInterceptor(SERVICE_NAMES))
-        self._event_loop = asyncio.get_running_loop()
         self.server = grpc.aio.server(interceptors=interceptors, options=server_options(cfg))
-        if cfg.port:  # a busy port: one clear line (gRPC would also log its own error)
-            _check_port_free(cfg.host, cfg.port, "--port")
-        if cfg.metrics_port:  # fail fast on a busy metrics port too (it is opened after loading)
-            _check_port_free(cfg.metrics_host or cfg.host, cfg.metrics_port, "--metrics-port")
         host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
         address = f"{host}:{cfg.port}"
         # The session exists before the model is loaded (it refuses with UNAVAILABLE until ready)
@@ -478,6 +478,11 @@ class GraniteServer:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    async def wait_fatal(self) -> str:
+        """Until the engine became unusable; returns the reason."""
+        await self._fatal_event.wait()
+        return self.fatal or "the engine is unusable"
+
 
 # ============================================================================ running in a thread
 
@@ -496,11 +501,6 @@ class ServerThread:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="granite-grpc", daemon=True)
         self._thread.start()
-    async def wait_fatal(self) -> str:
-        """Until the engine became unusable; returns the reason."""
-        await self._fatal_event.wait()
-        return self.fatal or "the engine is unusable"
-
         if wait:
             self.wait_ready(start_timeout)
 

@@ -193,11 +193,24 @@ def decode(artifact: str, tokenizer_dir: str, threads: int, tokens: int, rounds:
                 waits.append(time.perf_counter() - t)
 
     scheduler._masks = timed_masks
+    in_engine = [0.0, 0]  # seconds inside engine.step, steps
+    real_step = engine.step
+
+    def timed_step(chunks):
+        t = time.perf_counter()
+        try:
+            return real_step(chunks)
+        finally:
+            in_engine[0] += time.perf_counter() - t
+            in_engine[1] += 1
+
+    engine.step = timed_step
     scheduler.start()
     spec = C.ConstraintSpec("json_schema", json.dumps(NOTES))
     C.compile_constraint(spec, tok, engine.info.vocab_size)  # compile outside the timed runs
 
-    def run(batch: int, constrained: bool) -> float:
+    def run(batch: int, constrained: bool) -> tuple[float, float]:
+        """(decode tokens/s, host ms per step outside engine.step)."""
         done = threading.Event()
         stamps: dict[int, list[float]] = {i: [] for i in range(batch)}
         left = [batch]
@@ -220,24 +233,31 @@ def decode(artifact: str, tokenizer_dir: str, threads: int, tokens: int, rounds:
                           StoppingParams(max_new_tokens=tokens, min_new_tokens=tokens),
                           constraint=spec if constrained else None)
             scheduler.submit(req, sink_for(i))
+        t0, e0, n0 = time.perf_counter(), in_engine[0], in_engine[1]
         done.wait(600)
+        host_ms = 1e3 * ((time.perf_counter() - t0) - (in_engine[0] - e0)) / max(1, in_engine[1] - n0)
         # decode phase only: from the moment every row has its first token to the last token
         start = max(s[0] for s in stamps.values())
         end = max(s[-1] for s in stamps.values())
         n = sum(sum(1 for x in s if x > start) for s in stamps.values())
-        return n / (end - start)
+        return n / (end - start), host_ms
 
     run(1, True)  # warm-up (first mask filler, first constrained step)
     for batch in (1, 8):
         best = {False: 0.0, True: 0.0}
+        host = {False: [], True: []}
         for _ in range(rounds):
             for constrained in (False, True):
                 if constrained:
                     waits.clear()
-                best[constrained] = max(best[constrained], run(batch, constrained))
+                tps, host_ms = run(batch, constrained)
+                best[constrained] = max(best[constrained], tps)
+                host[constrained].append(host_ms)
                 if constrained:
                     res[f"wait_b{batch}_ms"] = 1e3 * statistics.median(waits) if waits else 0.0
         res[f"plain_b{batch}"], res[f"json_b{batch}"] = best[False], best[True]
+        res[f"host_plain_b{batch}"], res[f"host_json_b{batch}"] = min(host[False]), min(host[True])
+        res[f"step_b{batch}_ms"] = 1e3 * batch / best[False]
     scheduler.shutdown(10)
     res["peak_rss_gib"] = common.peak_rss_gib()
     out.put(res)
@@ -267,9 +287,11 @@ def main() -> None:
           f"same load.")
     common.print_table(
         f"Decode tokens/s through the scheduler, sampled, {args.tokens} tokens per sequence",
-        ["batch", "unconstrained", "JSON schema", "constrained / unconstrained", "mask wait after step (median ms)"],
+        ["batch", "unconstrained", "JSON schema", "constrained / unconstrained", "mask wait after step (median ms)",
+         "host ms/step outside engine: plain / JSON", "added host time / step time"],
         [[b, dec[f"plain_b{b}"], dec[f"json_b{b}"], f"{dec[f'json_b{b}'] / dec[f'plain_b{b}']:.3f}",
-          f"{dec[f'wait_b{b}_ms']:.3f}"] for b in (1, 8)],
+          f"{dec[f'wait_b{b}_ms']:.3f}", f"{dec[f'host_plain_b{b}']:.2f} / {dec[f'host_json_b{b}']:.2f}",
+          f"{(dec[f'host_json_b{b}'] - dec[f'host_plain_b{b}']) / dec[f'step_b{b}_ms']:.2%}"] for b in (1, 8)],
     )
     common.print_table(
         "Constraint compile and per-step mask costs (ms)", ["measure", "ms"],

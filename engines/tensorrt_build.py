@@ -59,8 +59,8 @@ from .. import progress
 from ..artifact import MANIFEST, load_manifest, sha256_file, write_manifest
 from ..errors import GraniteDeployError, InvalidField
 from ..manifest import DECODER, FileRecord, GraphRecord, PlanRecord, ProfileRecord
+from ..export.io_spec import BATCH, NUM_LOGITS_TO_KEEP, SEQUENCE  # graph IO names: declared once, there
 
-NUM_LOGITS_TO_KEEP = "num_logits_to_keep"  # export/io_spec.py's optional input (engines/ never imports export/)
 
 TENSORRT_MISSING = "tensorrt is not installed (needs an NVIDIA GPU machine)"
 PREFILL, DECODE = "prefill", "decode"
@@ -140,7 +140,6 @@ def plan_filename(runtime: dict) -> str:
 
 # --- profiles ----------------------------------------------------------------------------------
 PROFILE_NAMES = (PREFILL, DECODE)  # index 0 = prefill, 1 = decode (the engine relies on this order)
-BATCH, SEQUENCE = "batch", "sequence"  # the symbolic axes of export/io_spec.py's graph inputs
 
 
 def plan_profiles(graph: GraphRecord, max_batch: int, max_seq: int, opt_seq: int,

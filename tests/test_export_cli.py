@@ -95,7 +95,9 @@ def test_signal_during_export_leaves_nothing(tiny_checkpoint, tmp_path, sig, cod
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == code, err
+    # SIGINT: 130, or death by SIGINT itself (-2) when Python re-raises an interrupt it saw at exit; either way
+    # after the staging folder was removed.
+    assert proc.returncode in (code, -sig), (proc.returncode, err)
     assert "Traceback" not in err
     assert list(out_parent.iterdir()) == []  # no .partial folder, nothing at the output
 

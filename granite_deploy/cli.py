@@ -8,8 +8,32 @@ import sys
 from pathlib import Path
 
 
-class UsageError(Exception):
-    """Bad command-line input; the message names the option or file."""
+from .errors import GraniteDeployError
+
+
+class UsageError(GraniteDeployError):
+    """Bad command-line input; the message names the option or file (exit 2)."""
+
+    exit_code = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (``granite-deploy serve: error: argument --port: ...``)
+    and exit status 2, without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Optional dependencies -> the extra that installs them (a missing one is named, exit 2)
+_EXTRA_OF_MODULE = {
+    "torch": "export", "transformers": "export", "safetensors": "export", "onnx_ir": "export",
+    "huggingface_hub": "export", "onnx": "export", "peft": "export",
+    "grpc": "serve", "grpc_health": "serve", "grpc_reflection": "serve", "onnxruntime": "serve",
+    "tokenizers": "serve", "jinja2": "serve", "prometheus_client": "serve", "fastapi": "serve",
+    "uvicorn": "serve", "sse_starlette": "serve", "llguidance": "serve", "google": "serve",
+    "tensorrt": "tensorrt", "model_signing": "sign",
+}
 
 
 def _needs_extra(exc: ImportError, command: str, extra: str) -> int:
@@ -156,7 +180,9 @@ def _cmd_generate(args) -> int:
     from .serve.scheduler import Request, Scheduler
     from .serve.tokenizer import GraniteTokenizer
 
+    _check_threads(args.threads)
     manifest = open_trusted(args.artifact, verify_hashes=not args.skip_verify, manifest_digest=args.manifest_digest)
+    _check_graph_files(args.artifact, args.engine)
     tokenizer = GraniteTokenizer.from_dir(args.artifact, trusted_files=manifest.files)
     text = render_prompt(tokenizer, prompt=args.prompt, chat=args.chat, tools=args.tools, documents=args.documents)
     sampling, stopping = _request_params(args)
@@ -188,6 +214,47 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _check_threads(threads) -> None:
+    from .serve.validation import validate_threads
+
+    validate_threads(threads, "--threads")
+
+
+def _check_graph_files(artifact, engine: str) -> None:
+    """The ONNX graph the engine would load must be there: one line naming the missing file."""
+    from .artifact import load_manifest
+
+    manifest = load_manifest(artifact)
+    for name, record in manifest.graphs.items():  # typed manifest (granite_deploy/manifest.py)
+        path = record.file
+        if not (Path(artifact) / path).is_file():
+            raise UsageError(f"{artifact}: the artifact's {name} graph {path} is missing "
+                             "(copy the whole artifact folder, or re-export)")
+
+
+def _auth_token(args) -> str | None:
+    """--auth-token, else --auth-token-file, else $GRANITE_DEPLOY_AUTH_TOKEN (not visible in `ps`)."""
+    import os
+
+    if args.auth_token and args.auth_token_file:
+        raise UsageError("--auth-token-file: give either --auth-token or --auth-token-file")
+    if args.auth_token_file:
+        try:
+            text = Path(args.auth_token_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--auth-token-file: cannot read {args.auth_token_file}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        token = text.strip().splitlines()[0].strip() if text.strip() else ""
+        if not token:
+            raise UsageError(f"--auth-token-file: {args.auth_token_file} is empty")
+        return token
+    if args.auth_token is not None:
+        if not args.auth_token.strip():
+            raise UsageError("--auth-token: must not be empty")
+        return args.auth_token
+    return os.environ.get("GRANITE_DEPLOY_AUTH_TOKEN") or None
+
+
 def _setup_server_logging() -> None:
     import logging
 
@@ -214,6 +281,15 @@ def _cmd_serve(args) -> int:
     from .serve.server import ServerConfig, serve_forever
 
     load_manifest(args.artifact)
+    from .serve.validation import validate_port
+
+    validate_port(args.port, "--port")
+    validate_port(args.metrics_port, "--metrics-port")
+    if args.http_port is not None:
+        validate_port(args.http_port, "--http-port")
+    _check_threads(args.threads)
+    _check_graph_files(args.artifact, args.engine)
+    args.auth_token = _auth_token(args)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert/--tls-key: give both")
     if args.tls_client_ca and not args.tls_cert:
@@ -227,9 +303,9 @@ def _cmd_serve(args) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token=args.auth_token, model_id=args.model_id, max_new_tokens_limit=args.max_new_tokens_limit,
         max_message_bytes=args.max_message_bytes, drain_grace_s=args.grace, prefill_chunk=args.prefill_chunk,
+        prefix_cache_mb=args.prefix_cache_mb,
         http_port=args.http_port, http_host=args.http_host,
         verify_hashes=not args.skip_verify, manifest_digest=args.manifest_digest,
-        prefix_cache_mb=args.prefix_cache_mb,
         strict_model_id=args.strict_model_id, adapters=_adapter_options(args.adapter),
     )
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
@@ -410,10 +486,21 @@ def _cmd_quantize(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="granite-deploy", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser = _Parser(
+        prog="granite-deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export IBM Granite 4.0 checkpoints to verified ONNX artifacts, build and check engines, "
+                    "and serve them over gRPC (fmaas + granite.v1.ChatService) and an OpenAI-compatible HTTP API.",
+        epilog="exit status: 0 ok, 2 bad input (an option, a file, a missing extra), 3 verification or accuracy "
+               "gate failure, 1 internal error (run with --debug for the traceback), 130/143 interrupted.\n"
+               "environment: GRANITE_DEPLOY_AUTH_TOKEN (serve: the bearer token, instead of --auth-token).\n"
+               "`granite-deploy COMMAND --help` describes a command's options.")
+    parser.add_argument("--version", action="version", version=f"granite-deploy {__version__}")
     parser.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                         help="progress on stderr (auto: only on a terminal)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     p = sub.add_parser("export", help="export a Granite checkpoint to a verified ONNX artifact")
     p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face hub id")
@@ -489,7 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="PEM server certificate (with --tls-key: TLS)")
     p.add_argument("--tls-key", help="PEM server private key")
     p.add_argument("--tls-client-ca", help="PEM CA for client certificates (mutual TLS: clients must present one)")
-    p.add_argument("--auth-token", help="require 'authorization: Bearer <token>' (health checks exempt)")
+    p.add_argument("--auth-token", help="require 'authorization: Bearer <token>' (health checks exempt; "
+                                        "visible in `ps`: prefer --auth-token-file or $GRANITE_DEPLOY_AUTH_TOKEN)")
+    p.add_argument("--auth-token-file", metavar="PATH",
+                   help="read the bearer token from this file (first line)")
     p.add_argument("--engine", default="auto", help="auto, onnxruntime-cpu, onnxruntime-cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-new-tokens-limit", type=int, default=None,
@@ -605,22 +695,47 @@ def main(argv: list[str] | None = None) -> int:
         known += [CheckpointError, ExportError]
     except ImportError:  # export extra not installed
         pass
-    from .errors import GraniteDeployError
+    def fail(exc: BaseException, line: str, code: int) -> int:
+        if args.debug:
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"granite-deploy {args.command}: {line}", file=sys.stderr)
+        return code
 
     try:
         return args.func(args)
     except GraniteDeployError as exc:  # mapped by class: 2 bad input, 3 verification/gate failure, 1 other
-        print(f"granite-deploy {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return fail(exc, f"error: {_one_line(exc)}", exc.exit_code)
     except _Terminated:
         print(f"granite-deploy {args.command}: terminated (SIGTERM); nothing written", file=sys.stderr)
         return 143
     except tuple(known) as exc:
-        print(f"granite-deploy {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc, f"error: {_one_line(exc)}", 2)
     except KeyboardInterrupt:
         print(f"granite-deploy {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ImportError as exc:  # an optional dependency is missing: name the extra that installs it
+        module = (exc.name or "").split(".")[0]
+        extra = _EXTRA_OF_MODULE.get(module)
+        if extra is None:
+            return fail(exc, f"internal error: {_one_line(exc)} (run with --debug for the traceback)", 1)
+        return fail(exc, f"error: {module} is not installed; `{args.command}` needs the {extra} extra: "
+                         f'pip install "granite-deploy[{extra}]"', 2)
+    except OSError as exc:  # a file or port the user named
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        return fail(exc, f"error:{where} {exc.strerror or exc}", 2)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback only with --debug
+        return fail(exc, f"internal error: {type(exc).__name__}: {_one_line(exc)} "
+                         "(run with --debug for the traceback)", 1)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = text.splitlines()
+    if len(lines) <= 1:
+        return text or type(exc).__name__
+    return lines[0] + " " + " ".join(line.strip() for line in lines[1:6]) + (" ..." if len(lines) > 6 else "")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the accumulation of the same events.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from typing import Callable
@@ -17,7 +18,6 @@ from ..protos import granite_chat_pb2 as chat_pb2
 from ..protos import granite_chat_pb2_grpc as chat_grpc
 from .bridge import GenerationFailed, Prepared, final_fields, rpc
 from .constraints import ConstraintSpec, openai_constraint, precompile
-from .constraints import ConstraintSpec, openai_constraint
 from .sampling import SamplingParams
 from .scheduler import Event, Request
 from .session import ModelSession
@@ -276,7 +276,8 @@ class ChatServicer(chat_grpc.ChatServiceServicer):
         self.session.check_model(request.model_id)
         prepared = await self._prepare(request)
         try:
-            stream = self.session.submit(prepared.requests[0], params_checked=True)
+            request_ = dataclasses.replace(prepared.requests[0], request_id=call.request_id)
+            stream = self.session.submit(request_, params_checked=True)
         except InvalidField as exc:
             raise rename(exc, _CHAT_FIELDS) from None
         call.watch(stream)

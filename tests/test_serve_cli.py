@@ -202,3 +202,12 @@ def test_auth_token_from_env_or_file(artifact, tmp_path, how):
         proc.terminate()
         proc.wait(30)
     assert proc.returncode == 0
+
+
+def test_validation_imports_without_grpc_or_numpy():
+    """client, generate and the HTTP app share serve.validation: importing it pulls in nothing heavy."""
+    code = ("import sys; import granite_deploy.serve.validation as v; "
+            "bad = [m for m in ('grpc', 'numpy', 'tokenizers', 'onnxruntime', 'jinja2') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -13,7 +13,6 @@ machine. Each side runs in its own process so their memory does not mix.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import sys
 import time
@@ -23,19 +22,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def weight_bytes(manifest: dict) -> int:
+def weight_bytes(manifest) -> int:
     """Bytes of weights read per decode step: every matrix once (the tied embedding once, as the head)."""
-    a = manifest["architecture"]
-    h, layers = a["hidden_size"], a["num_layers"]
-    qkv = h * (a["num_heads"] + 2 * a["num_kv_heads"]) * a["head_dim"]
-    per_layer = qkv + a["num_heads"] * a["head_dim"] * h + 3 * h * a["intermediate_size"] + 2 * h
-    head = a["vocab_size"] * h * (1 if a["tie_word_embeddings"] else 2)
+    a = manifest.architecture
+    h, layers = a.hidden_size, a.num_layers
+    qkv = h * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
+    per_layer = qkv + a.num_heads * a.head_dim * h + 3 * h * a.intermediate_size + 2 * h
+    head = a.vocab_size * h * (1 if a.tie_word_embeddings else 2)
     return 4 * (layers * per_layer + head + h)
 
 
-def kv_bytes_per_token(manifest: dict) -> int:
-    a = manifest["architecture"]
-    return 4 * 2 * a["num_layers"] * a["num_kv_heads"] * a["head_dim"]
+def kv_bytes_per_token(manifest) -> int:
+    a = manifest.architecture
+    return 4 * 2 * a.num_layers * a.num_kv_heads * a.head_dim
 
 
 def ours(artifact: str, threads: int, steps: int, past_sweep: bool, graph: str | None, decode_only: bool,
@@ -133,7 +132,9 @@ def main() -> None:
     print(f"# machine: {common.machine()}", flush=True)
     checkpoint = common.random_checkpoint(args.model)
     artifact = common.artifact_for(checkpoint)
-    manifest = json.loads((artifact / "manifest.json").read_text())
+    from granite_deploy.artifact import load_manifest
+
+    manifest = load_manifest(artifact)
     gemv_bw = common.measure_bandwidth_gbs(args.threads)
     bw = max(gemv_bw, common.stream_read_gbs(args.threads))
     wbytes = weight_bytes(manifest)
@@ -154,7 +155,7 @@ def main() -> None:
 
     dec1 = 1 / mine["step_b1_p128"]
     dec8 = 8 / mine["step_b8_p128"]
-    v = manifest["validation"]
+    v = manifest.validation
     print(f"\n{args.model} (random weights, fp32), {args.threads} threads. Machine: {common.machine()}.")
     print(f"Export parity on this architecture: max |logit diff| {v.get('max_abs_logit_diff', float('nan')):.2e}, "
           f"greedy agreement {v.get('greedy_agreement', float('nan')):.0%}.")

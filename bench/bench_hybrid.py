@@ -14,7 +14,6 @@ the bytes of state the engine holds for one sequence at that context.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import sys
 import time
@@ -61,12 +60,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    from granite_deploy.artifact import load_manifest
+
     contexts = [int(x) for x in args.contexts.split(",")]
     print(f"# machine: {common.machine()}", flush=True)
     results = {}
     for name in args.models.split(","):
         artifact = common.artifact_for(common.random_checkpoint(name))
-        v = json.loads((artifact / "manifest.json").read_text())["validation"]
+        v = load_manifest(artifact).validation
         print(f"# {name}: export parity max |logit diff| {v.get('max_abs_logit_diff', float('nan')):.2e}, "
               f"greedy agreement {v.get('greedy_agreement', float('nan')):.0%}", flush=True)
         results[name] = common.in_process(measure, str(artifact), contexts, args.steps, args.threads)

@@ -59,9 +59,11 @@ def decode_speeds(artifacts: dict, threads: int, prompt_len: int = 32, steps: in
 
 
 def graph_mib(artifact: Path) -> float:
-    m = json.loads((artifact / "manifest.json").read_text())
-    g = m["graphs"]["decoder"]
-    return sum(m["files"][n]["bytes"] for n in [g["file"], *g["external_data"]]) / 2**20
+    from granite_deploy.artifact import load_manifest
+
+    m = load_manifest(artifact)
+    g = m.graph("decoder")
+    return sum(m.files[n].bytes for n in (g.file, *g.external_data)) / 2**20
 
 
 def main() -> int:
@@ -83,14 +85,16 @@ def main() -> int:
     heldout = ckpt / "heldout.txt"
     work = args.work or ckpt.with_name(ckpt.name + "-artifacts")
     fp32 = export(str(ckpt), work / "fp32", force=True)
-    v = json.loads((fp32 / "manifest.json").read_text())["validation"]
+    from granite_deploy.artifact import load_manifest
+
+    v = load_manifest(fp32).validation
 
     rows = []
     for method in METHODS:
         t = time.perf_counter()
         out = quantize(fp32, work / method, method, calibration=heldout, force=True, skip_gate=True,
                        ppl_max_tokens=args.ppl_tokens)
-        m = json.loads((out / "manifest.json").read_text())
+        m = load_manifest(out).extra  # accuracy, quantization records
         rows.append((method, out, m, time.perf_counter() - t))
     speed = decode_speeds({"fp32": fp32, **{method: out for method, out, _, _ in rows}}, args.threads)
 

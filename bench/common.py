@@ -58,7 +58,9 @@ def artifact_for(checkpoint: Path, validate: bool = True) -> Path:
     from granite_deploy.export.exporter import export
 
     out = CACHE / f"{checkpoint.name}-artifact"
-    if (out / "manifest.json").exists() and "decoder_cpu" in json.loads((out / "manifest.json").read_text())["graphs"]:
+    from granite_deploy.artifact import load_manifest
+
+    if (out / "manifest.json").exists() and "decoder_cpu" in load_manifest(out).graphs:
         return out  # (an artifact from before the CPU flavour existed is re-exported)
     t = time.perf_counter()
     export(checkpoint, out, validate=validate, force=True)
@@ -172,7 +174,9 @@ def quantized_artifact(artifact: Path, method: str) -> Path:
 
     out = CACHE / f"{artifact.name}-{method}"
     if (out / "manifest.json").exists():  # reuse it only if made from this very source artifact
-        made_from = json.loads((out / "manifest.json").read_text())["source_artifact"]["manifest_sha256"]
+        from granite_deploy.artifact import load_manifest
+
+        made_from = load_manifest(out).extra["source_artifact"]["manifest_sha256"]
         if made_from == hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest():
             return out
     t = time.perf_counter()

@@ -228,35 +228,34 @@ def _max_tokens(session: ModelSession, asked: int | None, field: str, prompt_len
     return asked
 
 
-def _constraint(r, tools: list[dict] | None, no_tool_call: bool = False):
-    """The ConstraintSpec this request asks for (None: free generation)."""
-    from .constraints import ConstraintSpec
+def _constraint(r, tools: list[dict] | None, available: bool = True):
+    """The ConstraintSpec this request asks for (None: free generation). response_format and
+    tool_choice go through constraints.openai_constraint, the mapping the gRPC chat service uses
+    (strict schemas closed, tool_choice "none" = no <tool_call>); guided_* are vLLM's extensions."""
+    from .constraints import ConstraintSpec, openai_constraint
 
+    spec = None
     if isinstance(r, ChatCompletionRequest):
-        tc = r.tool_choice
-        if tc == "required":
-            return ConstraintSpec(kind="tool_call", tools=tuple(tools or ()), field="tool_choice")
-        if isinstance(tc, p.NamedToolChoice):
-            return ConstraintSpec(kind="tool_call", tools=tuple(tools or ()), tool_name=tc.function.name,
-                                  field="tool_choice")
-        rf = r.response_format
-        if rf is not None and rf.type == "json_object":
-            return ConstraintSpec(kind="json", field="response_format")
-        if rf is not None and rf.type == "json_schema":
-            schema = rf.json_schema.schema_ if rf.json_schema.schema_ is not None else {}
-            return ConstraintSpec(kind="json_schema", value=json.dumps(schema), field="response_format.json_schema")
+        rf = r.response_format.model_dump(by_alias=True, exclude_none=True) if r.response_format else None
+        tc = r.tool_choice.model_dump() if isinstance(r.tool_choice, p.NamedToolChoice) else r.tool_choice
+        spec = openai_constraint(rf, tc, tools)
+        if spec is not None and spec.kind == "no_tool_call" and not available:
+            spec = None  # without structured generation "none" still holds: the reply is not parsed for calls
+    guided = None
     if r.guided_json is not None:
         value = r.guided_json if isinstance(r.guided_json, str) else json.dumps(r.guided_json)
-        return ConstraintSpec(kind="json_schema", value=value, field="guided_json")
-    if r.guided_regex is not None:
-        return ConstraintSpec(kind="regex", value=r.guided_regex, field="guided_regex")
-    if r.guided_choice is not None:
-        return ConstraintSpec(kind="choice", choices=tuple(r.guided_choice), field="guided_choice")
-    if r.guided_grammar is not None:
-        return ConstraintSpec(kind="grammar", value=r.guided_grammar, field="guided_grammar")
-    if isinstance(r, ChatCompletionRequest) and r.tool_choice == "none" and tools and no_tool_call:
-        return ConstraintSpec(kind="no_tool_call", field="tool_choice")  # the tools are shown, never called
-    return None
+        guided = ConstraintSpec(kind="json_schema", value=value, field="guided_json")
+    elif r.guided_regex is not None:
+        guided = ConstraintSpec(kind="regex", value=r.guided_regex, field="guided_regex")
+    elif r.guided_choice is not None:
+        guided = ConstraintSpec(kind="choice", choices=tuple(r.guided_choice), field="guided_choice")
+    elif r.guided_grammar is not None:
+        guided = ConstraintSpec(kind="grammar", value=r.guided_grammar, field="guided_grammar")
+    if guided is not None:
+        if spec is not None and spec.kind == "tool_call":
+            raise p.invalid(guided.field, "cannot be combined with a tool_choice that forces a tool call")
+        return guided  # (response_format other than text was refused with it already)
+    return spec
 
 
 def constraints_available(tokenizer) -> bool:
@@ -382,7 +381,7 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
         try:
             r: ChatCompletionRequest = await begin(http, call, ChatCompletionRequest)
             tools = p.tool_dicts(r.tools)
-            constraint = _constraint(r, tools, no_tool_call=constraints_ok())
+            constraint = _constraint(r, tools, available=constraints_ok())
             need_constraint(constraint)
             kwargs = dict(r.chat_template_kwargs or {})
             for reserved in ("messages", "tools", "documents", "field"):
@@ -461,7 +460,7 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
         call = _Call(http, "POST /v1/completions")
         try:
             r: CompletionRequest = await begin(http, call, CompletionRequest)
-            constraint = _constraint(r, None)
+            constraint = _constraint(r, None, available=constraints_ok())
             need_constraint(constraint)
             prompts = _prompts(r.prompt)
             top_n = min(r.logprobs or 0, p.MAX_TOP_LOGPROBS)

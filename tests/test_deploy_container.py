@@ -159,6 +159,11 @@ def test_serve_entrypoint_maps_the_environment(tmp_path):
     assert calls == [["serve", "/mnt/models", "--host", "0.0.0.0", "--port", "8033", "--grace", "30",
                       "--threads", "2", "--model-id", "granite 1b", "--max-queue", "9", "--prefill-chunk", "16",
                       "--max-batch", "4"]]
+    # the token itself stays in the environment (serve reads it), a token file becomes an option
+    out, calls = _run(SERVE_SCRIPT, tmp_path, {"GRANITE_DEPLOY_AUTH_TOKEN": "s3cret",
+                                               "GRANITE_DEPLOY_AUTH_TOKEN_FILE": "/var/run/secrets/token"})
+    assert out.returncode == 0, out.stderr
+    assert calls == [["serve", "/models/artifact", "--auth-token-file", "/var/run/secrets/token"]]
 
 
 def test_serve_entrypoint_passes_only_options_serve_has():
@@ -169,7 +174,7 @@ def test_serve_entrypoint_passes_only_options_serve_has():
     assert not missing, f"the entrypoint passes options `granite-deploy serve` does not have: {missing}"
     assert re.search(r'^exec "\$\{GRANITE_DEPLOY_BIN:-granite-deploy\}" "\$\{args\[@\]\}" "\$@"$', text, re.M)
     assert 'args=(serve "${GRANITE_DEPLOY_ARTIFACT' in text
-    assert "AUTH_TOKEN " not in text  # a token on argv is visible in ps
+    assert not re.search(r"^opt GRANITE_DEPLOY_AUTH_TOKEN --", text, re.M)  # a token on argv is visible in ps
 
 
 def test_manifest_env_vars_are_all_understood():

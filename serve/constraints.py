@@ -389,11 +389,15 @@ def _reason(spec: ConstraintSpec, error: str) -> str:
 
 # ============================================================================ masks off the critical path
 
+_BIAS = np.array([-np.inf, 0.0], np.float32)  # bit 0 -> -inf, bit 1 -> 0
+
+
 class MaskFiller:
     """Computes next-token masks for many sequences on a worker thread.
 
-    ``start(states)`` returns at once; ``result()`` of the returned future is a bool
-    ``[len(states), vocab]`` array. llguidance releases the GIL while it fills, so the fill
+    ``start(states)`` returns at once; ``result()`` of the returned future is one float32
+    ``[vocab]`` array of additive biases (0 allowed, -inf not) per state, or None for a state
+    that allows no token. llguidance releases the GIL while it fills, so the fill
     runs while the engine step runs on the caller's thread.
     """
 
@@ -402,6 +406,8 @@ class MaskFiller:
         n = threads or max(1, min(4, (os.cpu_count() or 2) // 2))
         self._executor = llg.LLExecutor(n)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="granite-mask")
+        self._out: list[np.ndarray] | None = None
+        self._turn = 0
 
     def start(self, states: list[ConstraintState]) -> Future:
         return self._pool.submit(self._fill, list(states))
@@ -415,7 +421,18 @@ class MaskFiller:
             states[0].fill(bits[0])
         else:
             lnp.fill_next_token_bitmask_par(self._executor, [(s.matcher, i) for i, s in enumerate(states)], bits)
-        return np.unpackbits(bits.view(np.uint8), axis=1, count=gt.vocab_size, bitorder="little").view(np.bool_)
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, count=gt.vocab_size, bitorder="little").view(np.bool_)
+        # as additive biases (0 / -inf): applying one to the logits is then a single add on the
+        # critical path instead of a masked copy. A row that allows nothing comes back as None
+        # (the scheduler then asks its matcher why).
+        n = len(states)
+        if self._out is None or self._out[0].shape[0] < n or self._out[0].shape[1] != gt.vocab_size:
+            self._out = [np.empty((max(n, 8), gt.vocab_size), np.float32) for _ in range(2)]
+        # two buffers in turn: the scheduler is done with step k's rows before step k+2's fill
+        self._turn ^= 1
+        biases = np.take(_BIAS, allowed.view(np.uint8), out=self._out[self._turn][:n])
+        nonempty = bits.any(axis=1)
+        return [biases[i] if nonempty[i] else None for i in range(len(states))]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -393,8 +393,9 @@ class TokenSampler:
     ) -> SampledToken:
         """Pick the next token from one sequence's ``[vocab]`` logits.
 
-        ``allowed`` (bool ``[vocab]``, a constraint's token mask) sets every token
-        it does not allow to -inf; ``suppress_token_ids`` (e.g.
+        ``allowed`` (a constraint's token mask: bool ``[vocab]``, or float
+        ``[vocab]`` additive biases of 0 / -inf) sets every token it does not
+        allow to -inf; ``suppress_token_ids`` (e.g.
         ``StoppingCriteria.suppressed_token_ids(n)`` before ``min_new_tokens``) are
         set to -inf next, unless that would leave no allowed token (the
         constraint wins: a finished grammar may allow only EOS). The "raw"
@@ -411,15 +412,19 @@ class TokenSampler:
         if allowed is not None:
             if allowed.shape != (self.vocab_size,):
                 raise ValueError(f"allowed: expected shape ({self.vocab_size},), got {allowed.shape}")
-            if x is not raw_buf:
-                np.copyto(raw_buf, x)
-                x = raw_buf
-            np.logical_not(allowed, out=mask)
-            np.copyto(x, np.float32(-np.inf), where=mask)
+            if allowed.dtype == np.bool_:
+                if x is not raw_buf:
+                    np.copyto(raw_buf, x)
+                    x = raw_buf
+                np.logical_not(allowed, out=mask)
+                np.copyto(x, np.float32(-np.inf), where=mask)
+            else:  # additive 0 / -inf biases (constraints.MaskFiller): one add
+                x = np.add(x, allowed, out=raw_buf, dtype=np.float32, casting="unsafe")
         if suppress_token_ids is not None:
             sup = _ids_array(suppress_token_ids, self.vocab_size)
             if sup.size and allowed is not None:
-                keep_some = np.count_nonzero(allowed) > np.count_nonzero(allowed[sup])
+                ok = allowed if allowed.dtype == np.bool_ else np.isfinite(allowed, out=mask)
+                keep_some = np.count_nonzero(ok) > np.count_nonzero(ok[sup])
                 sup = sup if keep_some else sup[:0]
             if sup.size:
                 if x is not raw_buf:

@@ -540,7 +540,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - a library failure ends this sequence, not the loop
             seq.constraint.error = f"constraint: {exc}"
             allowed = None
-        if allowed is None or not allowed.any():
+        if allowed is None or (allowed.dtype == bool and not allowed.any()):  # float: MaskFiller checked
             error = seq.constraint.error or seq.constraint.matcher.get_error() or "no token is allowed"
             self._finish(seq, StopReason.ERROR, error=f"constraint: {error}" if not error.startswith("constraint")
                          else error)

@@ -111,9 +111,9 @@ def _cases():
 
 
 def _parses(text: str) -> bool:
+    """Whether the text is a JSON object (a random model may well write a bare number)."""
     try:
-        json.loads(text)
-        return True
+        return isinstance(json.loads(text), dict)
     except ValueError:
         return False
 

@@ -40,7 +40,7 @@ from .base import Engine, StateSnapshot
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INTERVAL = 64  # recurrent snapshot every N prefill tokens (bench/bench_prefix_cache.py measures it)
+DEFAULT_INTERVAL = 128  # recurrent snapshot every N prefill tokens: see the README (bench/bench_prefix_cache.py sweep)
 MIN_HIT = 4  # reuse at least this many tokens, so that a shared first token or two is not called a hit
 _AUTO_FRACTION = 0.2  # default budget: this share of the memory free when the server starts...
 _AUTO_CAP_MB = 8192  # ...at most this much

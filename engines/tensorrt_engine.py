@@ -6,14 +6,17 @@ host<->device transfers without hand-written CUDA calls; cuda-python would
 add a dependency for the same thing). The ONNX Runtime CPU path does not need
 it: this module imports torch and tensorrt only when an engine is opened.
 
-The KV cache of layer i is one buffer per K and V, [max_batch, kv_heads,
-capacity, head_dim], with capacity fixed at the plan's build-time max_seq
+Every state tensor of the graph's manifest state spec (attention K/V, Mamba
+conv/ssm; the spec the build planned its profiles from) is one buffer
+[max_batch, *shape], a KV capacity axis fixed at the plan's build-time max_seq
 (TensorRT's KVCacheUpdate needs a static cache length, see
-tensorrt_build.py). Sequence s lives in row `row[s]`. Each call binds a
-contiguous row range of every buffer as both the `past_key_values.*` input
-address and the `present.*` output address, so the in-place cache update
-writes the new keys/values straight into the slot; nothing copies the cache
-per token. Decodes of all running sequences go in one call over rows [0, n)
+tensorrt_build.py). Sequence s lives in one row of the slot table. Each call
+binds a contiguous row range of every buffer as both the state input address
+and, where the spec allows in-place (KV, conv), the output address, so the
+update writes straight into the slot; nothing copies the cache per token
+(the Mamba ssm output goes to a scratch row range, copied back). Recurrent
+state zeroes on reserve, and only rows that really decode run. Decodes of all
+running sequences go in one call over rows [0, n)
 (execution context of the decode profile); each multi-token chunk is its own
 call over its single row (context of the prefill profile). Rows stay compact:
 when a sequence leaves, the last row moves into its place (only its filled
@@ -31,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import load_manifest
-from .base import CacheFull, Chunk, Engine, EngineError, EngineInfo, check_chunks
+from .base import Chunk, Engine, EngineError, EngineInfo
+from .slots import Call, SlotTable
 from ..manifest import PlanRecord
 from .tensorrt_build import DECODE, PREFILL, current_runtime, plan_compatibility
 
@@ -85,16 +89,16 @@ class TensorRTEngine(Engine):
 
         arch = manifest.architecture
         graph = manifest.graph(plan.graph)
-        self.num_layers = arch.num_layers
-        self.kv_heads = arch.num_kv_heads
-        self.head_dim = arch.head_dim
+        # Every state tensor (attention KV, Mamba conv/ssm) comes from the graph's state spec, the same
+        # spec the build planned its profiles from (tensorrt_build.plan_profiles).
+        self.states = graph.state
+        self._recurrent = graph.recurrent
         self.capacity = plan.cache_capacity
         self.max_batch = min(max_batch, plan.max_batch)
         if max_batch > self.max_batch:
             log.warning("TensorRT plan %s allows at most batch %d (asked %d)", plan.file, self.max_batch, max_batch)
         self.max_seq_len = min(max_seq_len or self.capacity, self.capacity)
-        cache_dtype = next(st.dtype for st in graph.state if st.kind == "kv")
-        torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cache_dtype]
+        torch_dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
         self._torch = torch
         self.device = torch.device("cuda", torch.cuda.current_device())
 
@@ -105,57 +109,57 @@ class TensorRTEngine(Engine):
         if self._engine is None:
             raise EngineError(f"{self.artifact / plan.file}: TensorRT could not deserialize the plan")
         self._stream = torch.cuda.Stream(device=self.device)
-        index = {p.name: p.index for p in plan.profiles}
         self._contexts = {}
         for name in (PREFILL, DECODE):
             ctx = self._engine.create_execution_context()
             if ctx is None:
                 raise EngineError(f"TensorRT: cannot create an execution context for profile {name!r}")
-            ctx.set_optimization_profile_async(index[name], self._stream.cuda_stream)
+            ctx.set_optimization_profile_async(plan.profile_index(name), self._stream.cuda_stream)
             self._contexts[name] = ctx
         self._stream.synchronize()
 
-        shape = (self.max_batch, self.kv_heads, self.capacity, self.head_dim)
-        self._keys = [torch.zeros(shape, dtype=torch_dtype, device=self.device) for _ in range(self.num_layers)]
-        self._values = [torch.zeros(shape, dtype=torch_dtype, device=self.device) for _ in range(self.num_layers)]
+        # One [max_batch, ...] device buffer per state input (capacity axis at the plan's static capacity);
+        # outputs that may not alias their input (in_place False: Mamba ssm) get a scratch buffer.
+        self._buffers, self._scratch = {}, {}
+        for st in self.states:
+            shape = st.batched_shape(self.max_batch, self.capacity)
+            self._buffers[st.input] = torch.zeros(shape, dtype=torch_dtypes[st.dtype], device=self.device)
+            if not st.in_place:
+                self._scratch[st.input] = torch.zeros(shape, dtype=torch_dtypes[st.dtype], device=self.device)
         self._logits = torch.empty((self.max_batch, 1, arch.vocab_size), dtype=torch.float32, device=self.device)
-        self._names = [
-            (f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key", f"present.{i}.value")
-            for i in range(self.num_layers)
-        ]
-        self._row: dict[int, int] = {}
-        self._length: dict[int, int] = {}
+        self.slots = SlotTable(self.max_batch)
         self.plan = plan
         self.info = EngineInfo("tensorrt", str(self.device), plan.precision,
                                self.max_batch, self.max_seq_len, arch.vocab_size, reason)
 
-    # --- slots -----------------------------------------------------------------------------------
+    # --- slots (the shared table; this engine only copies rows and runs calls) ---------------
     def reserve(self, seq_id: int) -> None:
-        if seq_id in self._row:
-            raise EngineError(f"sequence {seq_id} already has a cache slot")
-        if len(self._row) >= self.max_batch:
-            raise CacheFull(f"all {self.max_batch} cache slots are in use")
-        self._row[seq_id] = len(self._row)
-        self._length[seq_id] = 0
+        row = self.slots.reserve(seq_id)
+        with self._torch.cuda.stream(self._stream):
+            for st in self.states:  # a reused slot starts from zero recurrent state (KV rows are masked)
+                if st.kind != "kv":
+                    self._buffers[st.input][row].zero_()
 
     def release(self, seq_id: int) -> None:
-        row = self._row.pop(seq_id, None)
-        if row is None:
-            return
-        self._length.pop(seq_id)
-        last = len(self._row)
-        if row != last:
-            mover = next(s for s, r in self._row.items() if r == last)
-            n = self._length[mover]
+        move = self.slots.release(seq_id)
+        if move is not None:
+            n = move.length
             with self._torch.cuda.stream(self._stream):
-                for buf in self._keys + self._values:
-                    buf[row, :, :n].copy_(buf[last, :, :n])
-            self._row[mover] = row
+                for st in self.states:
+                    buf = self._buffers[st.input]
+                    if st.kind == "kv":
+                        if n:  # only the filled positions, along the spec's capacity axis
+                            buf[move.dst].narrow(st.capacity_axis, 0, n).copy_(
+                                buf[move.src].narrow(st.capacity_axis, 0, n))
+                    else:
+                        buf[move.dst].copy_(buf[move.src])
 
     # --- running ---------------------------------------------------------------------------------
-    def _run(self, profile: str, rows: slice, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _run(self, call: Call) -> np.ndarray:
         torch = self._torch
+        profile = DECODE if call.decode else PREFILL
         ctx = self._contexts[profile]
+        rows, ids, positions = call.rows, call.input_ids, call.position_ids
         n = rows.stop - rows.start
         with torch.cuda.stream(self._stream):
             ids_d = torch.from_numpy(ids).to(self.device, non_blocking=True)
@@ -164,20 +168,25 @@ class TensorRTEngine(Engine):
                 ctx.set_input_shape("position_ids", tuple(positions.shape))
             ctx.set_tensor_address("input_ids", ids_d.data_ptr())
             ctx.set_tensor_address("position_ids", pos_d.data_ptr())
-            cache_shape = (n, self.kv_heads, self.capacity, self.head_dim)
-            for (past_k, past_v, present_k, present_v), k, v in zip(self._names, self._keys, self._values):
-                kp, vp = k[rows].data_ptr(), v[rows].data_ptr()  # a row range of a contiguous buffer
-                ok = ok and ctx.set_input_shape(past_k, cache_shape) and ctx.set_input_shape(past_v, cache_shape)
-                ctx.set_tensor_address(past_k, kp)
-                ctx.set_tensor_address(present_k, kp)  # same address: in-place cache update
-                ctx.set_tensor_address(past_v, vp)
-                ctx.set_tensor_address(present_v, vp)
+            copy_back = []
+            for st in self.states:
+                view = self._buffers[st.input][rows]  # a row range of a contiguous buffer
+                ok = ok and ctx.set_input_shape(st.input, tuple(view.shape))
+                ctx.set_tensor_address(st.input, view.data_ptr())
+                if st.in_place:
+                    ctx.set_tensor_address(st.output, view.data_ptr())  # same address: in-place update
+                else:
+                    scratch = self._scratch[st.input][rows]
+                    ctx.set_tensor_address(st.output, scratch.data_ptr())
+                    copy_back.append((view, scratch))
             if not ok:
-                raise EngineError(f"TensorRT: shapes {tuple(ids.shape)} / cache {cache_shape} are outside the "
-                                  f"{profile} profile of {self.plan.file}")
+                raise EngineError(f"TensorRT: shapes {tuple(ids.shape)} over rows {rows.start}..{rows.stop} are "
+                                  f"outside the {profile} profile of {self.plan.file}")
             ctx.set_tensor_address("logits", self._logits.data_ptr())
             if not ctx.execute_async_v3(self._stream.cuda_stream):
                 raise EngineError("TensorRT step failed (execute_async_v3 returned False; see its log)")
+            for view, scratch in copy_back:
+                view.copy_(scratch)
             out = self._logits[:n].to("cpu", non_blocking=False)
         self._stream.synchronize()  # ids_d/pos_d stay alive until the step has consumed them
         return out.numpy()
@@ -185,36 +194,18 @@ class TensorRTEngine(Engine):
     def step(self, chunks: list[Chunk]) -> np.ndarray:
         if not chunks:
             return np.zeros((0, self.info.vocab_size), np.float32)
-        check_chunks(chunks, self._length, self.max_seq_len)
+        # The capacity is fixed at the plan's max_seq; recurrent (Mamba) state: only rows that decode run.
+        calls = self.slots.plan(chunks, self.capacity, self.max_seq_len, recurrent=self._recurrent)
         out = np.empty((len(chunks), self.info.vocab_size), np.float32)
-
-        decodes = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-        if decodes:
-            n_rows = max(self._row[chunks[i].seq_id] for i in decodes) + 1
-            ids = np.zeros((n_rows, 1), np.int64)
-            pos = np.zeros((n_rows, 1), np.int64)  # rows without a decode: harmless write at their first free slot
-            for seq, row in self._row.items():
-                if row < n_rows:
-                    pos[row, 0] = min(self._length[seq], self.capacity - 1)
-            for i in decodes:
-                c = chunks[i]
-                row = self._row[c.seq_id]
-                ids[row, 0], pos[row, 0] = c.token_ids[0], c.start
-            logits = self._run(DECODE, slice(0, n_rows), ids, pos)
-            for i in decodes:
-                out[i] = logits[self._row[chunks[i].seq_id], -1]
-        for i, c in enumerate(chunks):
-            if len(c.token_ids) > 1:
-                row = self._row[c.seq_id]
-                ids = np.asarray(c.token_ids, np.int64)[None]
-                pos = np.arange(c.start, c.start + len(c.token_ids), dtype=np.int64)[None]
-                out[i] = self._run(PREFILL, slice(row, row + 1), ids, pos)[0, -1]
-        for c in chunks:
-            self._length[c.seq_id] = c.start + len(c.token_ids)
+        for call in calls:
+            logits = self._run(call)
+            for i, r in zip(call.members, call.member_rows):
+                out[i] = logits[r, -1]
+        self.slots.advance(chunks)
         return out
 
     def cache_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._keys + self._values)
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
     def close(self) -> None:
         self._contexts.clear()

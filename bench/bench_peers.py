@@ -125,20 +125,42 @@ def wait_idle(threshold: float, max_wait: float) -> float:
     return os.getloadavg()[0]
 
 
+def _hwm_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def run_child(cmd: list[str], env: dict | None = None, quiet: bool = False) -> tuple[str, float]:
-    """Run cmd; its stdout and its peak RSS in GiB (from wait4, so only that process tree's own)."""
+    """Run cmd; its stdout and its peak RSS in GiB. The peak is the child's own VmHWM, polled
+    while it runs (wait4's ru_maxrss would include this process's RSS at fork time)."""
+    import threading
+
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None, text=True,
                          env={**os.environ, **(env or {})})
+    peak = [0]
+
+    def poll():
+        while p.poll() is None:
+            peak[0] = max(peak[0], _hwm_kib(p.pid))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
     out = []
     for line in p.stdout:
         out.append(line)
         if line.startswith("#"):
             print(line, end="", flush=True)
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    p.wait()
+    watcher.join()
     if p.returncode != 0:
         raise RuntimeError(f"{Path(cmd[0]).name} {' '.join(cmd[1:3])}... exited with {p.returncode}")
-    return "".join(out), usage.ru_maxrss / 2**20
+    return "".join(out), peak[0] / 2**20
 
 
 def last_json(text: str) -> dict:
@@ -389,7 +411,9 @@ def main() -> None:
     if args.worker:
         kind, path, threads, steps = args.worker
         fn = {"ours": worker_ours, "ortgenai": worker_ortgenai}[kind]
-        print(json.dumps(fn(path, int(threads), int(steps))), flush=True)
+        res = fn(path, int(threads), int(steps))
+        res["peak_rss_self_gib"] = _hwm_kib(os.getpid()) / 2**20
+        print(json.dumps(res), flush=True)
         return
 
     lock = Lock(args.lock, args.lock_budget)
@@ -443,7 +467,8 @@ def main() -> None:
                 else:
                     py = MAIN_PYTHON if kind == "ours" else str(peer_python())
                     out, rss = run_child([py, __file__, "--worker", kind, str(path), str(args.threads), str(args.steps)])
-                    res = {**last_json(out), "peak_rss_gib": rss}
+                    res = last_json(out)
+                    res["peak_rss_gib"] = max(rss, res.pop("peak_rss_self_gib", 0.0))
             except Exception as e:  # noqa: BLE001
                 log(f"{label}: failed: {e}")
                 res = {"error": str(e)}

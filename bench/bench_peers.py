@@ -46,7 +46,7 @@ import common  # noqa: E402
 def set_length(engine, seq: int, n: int) -> None:
     """Mark n cached positions of seq as filled (the engine's slot table, or its older length map)."""
     if hasattr(engine, "slots"):
-        engine.slots.lengths[seq] = n
+        engine.slots.set_length(seq, n)
     else:
         engine._length[seq] = n
 

@@ -7,7 +7,7 @@ Runs grpc_tools.protoc (``--python_out``, ``--pyi_out``, ``--grpc_python_out``)
 and rewrites protoc's top-level imports between our own modules
 (``import generation_pb2 as generation__pb2``) into package-relative ones
 (``from . import generation_pb2 as generation__pb2``), so the stubs import as
-``granite_deploy.protos.generation_pb2``. tests/test_protos.py checks that the
+``granite_deploy.protos.generation_pb2``. tests/protos/test_protos.py checks that the
 committed stubs equal a fresh run of this function byte for byte.
 """
 

@@ -53,7 +53,7 @@ def test_stubs_use_package_relative_imports():
 # (b) Wire contract, table-driven from SERVING.md and the vendored upstream protos
 # (protos/upstream/: IBM's generation.proto for the types SERVING.md leaves implicit,
 # vllm-tgis-adapter's for adapter_id, guided decoding and the optional temperature;
-# tests/test_protos_upstream.py checks the same against the .proto files themselves). card: "" singular, "repeated", or
+# tests/protos/test_protos_upstream.py checks the same against the .proto files themselves). card: "" singular, "repeated", or
 # "optional" (proto3 explicit presence). Type: scalar name, or the full name of
 # a message / enum type.
 

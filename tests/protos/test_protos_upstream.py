@@ -19,7 +19,7 @@ from granite_deploy.protos import generation_pb2
 
 from tgis_upstream import UPSTREAM, descriptor_set
 
-PROTO = Path(__file__).resolve().parent.parent / "protos" / "generation.proto"
+PROTO = Path(__file__).resolve().parents[2] / "protos" / "generation.proto"
 
 # What vllm-tgis-adapter adds to IBM's contract (and we therefore serve on top of IBM's).
 ADAPTER_ADDED_FIELDS = {
@@ -137,7 +137,7 @@ def test_ibm_fields_have_ibm_numbers_and_types(protos):
     assert checked >= 60
     for name, values in ibm_enums.items():
         assert ours_enums[name] == values, name
-    # the number IBM clients rely on most, pinned explicitly (tests/test_protos.py once had it wrong)
+    # the number IBM clients rely on most, pinned explicitly (tests/protos/test_protos.py once had it wrong)
     stopping = {f.name: f for f in ours_msgs["fmaas.StoppingCriteria"].field}
     assert stopping["time_limit_millis"].type == descriptor_pb2.FieldDescriptorProto.TYPE_UINT32
 

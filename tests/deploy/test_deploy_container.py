@@ -22,7 +22,7 @@ import pytest
 
 dockerfile = pytest.importorskip("dockerfile")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVE_SCRIPT = ROOT / "deploy" / "container" / "granite-deploy-serve"
 EXPORT_SCRIPT = ROOT / "deploy" / "container" / "granite-deploy-export"
 

@@ -21,7 +21,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 kv = pytest.importorskip("kubernetes_validate")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.30.0"  # oldest Kubernetes the manifests target (native gRPC probes: GA in 1.27)
 OVERLAYS = ("cpu-int4", "cpu-fp32", "gpu-tensorrt")

@@ -303,7 +303,7 @@ def test_invalid_requests_and_unknown_model(gen, chat, server):
         with pytest.raises(grpc.RpcError) as e:
             call()
         assert _code(e) == SC.INVALID_ARGUMENT and e.value.details().startswith(where + ":"), e.value.details()
-    # fmaas ignores model_id and answers an empty request list, as TGIS does (tests/test_serve_tgis.py;
+    # fmaas ignores model_id and answers an empty request list, as TGIS does (tests/serve/test_serve_tgis.py;
     # --strict-model-id restores NOT_FOUND); the chat service keeps checking it
     assert not gen.Generate(g.BatchedGenerationRequest()).responses
     assert gen.ModelInfo(g.ModelInfoRequest(model_id="nope")).max_sequence_length == 1024

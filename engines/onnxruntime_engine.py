@@ -37,6 +37,7 @@ from ..manifest import KV_LAYOUT_IN_PLACE, GraphRecord
 from .base import CacheFull, Chunk, Engine, EngineError, EngineInfo, StateSnapshot
 from .device_memory import memory_for
 from .slots import Call, Move, SlotTable, blocks
+from ..export.io_spec import NUM_LOGITS_TO_KEEP  # graph IO names: declared once, there
 
 log = logging.getLogger(__name__)
 CAPACITY_BLOCK = 256
@@ -56,6 +57,31 @@ def _session_options(threads: int | None):
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # in-place TensorScatter warnings are expected only if binding fails
     return options
+
+
+def _open_session(path: Path, threads: int | None, provider: str):
+    """The graph's session, with `num_logits_to_keep` made a plain input.
+
+    Export declares it as an input with a default (an initializer of the same name), which
+    ONNX Runtime treats as an overridable initializer: absent from `get_inputs()` and not
+    bindable through IO binding ("Failed to find NodeArg"), so every prefill ran the
+    vocabulary head at every prompt position (half of a 1024-token prefill, and hundreds of
+    MiB of logits). Dropping the default in memory (the file, already verified, stays as it
+    is) lets the engine bind it on every call; external weights are read from the graph's
+    folder as before."""
+    import onnx
+    import onnxruntime as ort
+
+    options = _session_options(threads)
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = {i.name for i in model.graph.input}
+    defaults = [t for t in model.graph.initializer if t.name == NUM_LOGITS_TO_KEEP and t.name in inputs]
+    if not defaults:
+        return ort.InferenceSession(str(path), options, providers=[provider])
+    for t in defaults:
+        model.graph.initializer.remove(t)
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
 
 
 def available_providers() -> list[str]:
@@ -100,9 +126,7 @@ class OnnxRuntimeEngine(Engine):
         # Recurrent (Mamba) state changes with every token fed, so rows that do not
         # decode this step must not be run at all (no dummy rows in a decode call).
         self._recurrent = any(st["kind"] != "kv" for st in self.states)
-        self.session = ort.InferenceSession(
-            str(graph_path(self.artifact, manifest, self.graph_name)), _session_options(threads), providers=[provider]
-        )
+        self.session = _open_session(graph_path(self.artifact, manifest, self.graph_name), threads, provider)
         self._input_names = {i.name for i in self.session.get_inputs()}
         self.memory = memory_for(provider)
         self.capacity = 0
@@ -247,8 +271,8 @@ class OnnxRuntimeEngine(Engine):
         binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
         binding.bind_cpu_input("input_ids", call.input_ids)
         binding.bind_cpu_input("position_ids", call.position_ids)
-        if keep_last and "num_logits_to_keep" in self._input_names:  # unbound: 0 = every position
-            binding.bind_cpu_input("num_logits_to_keep", np.array(1, np.int64))
+        if NUM_LOGITS_TO_KEEP in self._input_names:  # 1: the head runs on the last position only; 0: all
+            binding.bind_cpu_input(NUM_LOGITS_TO_KEEP, np.array(1 if keep_last else 0, np.int64))
         copy_back = []
         for st in self.states:
             # Bound as both input and output, the graph updates the rows in place (TensorScatter

@@ -70,7 +70,7 @@ def ours(artifact: str, threads: int, steps: int, past_sweep: bool, graph: str |
         engine._grow(past + steps + 1)
         common.fill_cache(engine, batch, past, rng)
         for s in range(batch):
-            engine._length[s] = past
+            engine.slots.set_length(s, past)
         times = []
         for i in range(steps):
             chunks = [Chunk(s, (int(rng.integers(0, 1000)),), past + i) for s in range(batch)]

@@ -40,7 +40,7 @@ def measure(artifact: str, contexts: list[int], steps: int, threads: int, out: m
                 buf = engine._buffers[st["input"]]
                 buf[0] = rng.standard_normal(buf[0].shape, dtype=np.float32) * 0.1
                 per_seq += buf[0].nbytes
-        engine._length[0] = ctx
+        engine.slots.set_length(0, ctx)
         times = []
         for i in range(steps):
             t = time.perf_counter()

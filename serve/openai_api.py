@@ -431,7 +431,9 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
             _cancel_all(streams)
             call.end(status, stream=True, **_log_fields(builders))
 
-    async def _chat_unary(http, call, streams, builders, chunk_id, created_at, model):
+    async def _collect_unary(http, call, streams, builders):
+        """Run a non-streamed request to its end: (the events of each choice, None), or
+        (None, the response to send) when it failed or the client left."""
         watcher = asyncio.ensure_future(_watch_disconnect(http, streams))
         collected: list[list[dict]] = [[] for _ in builders]
         try:
@@ -440,13 +442,19 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
                     collected[i].extend(builders[i].events(batch))
                     final = builders[i].final
                     if final is not None and final.stop_reason == StopReason.ERROR:
-                        return fail(call, _error_event(final))
+                        return None, fail(call, _error_event(final))
         finally:
             watcher.cancel()
             _cancel_all(streams)
         if any(b.final is None or b.final.stop_reason == StopReason.CANCELLED for b in builders):
             call.end("CANCELLED", **_log_fields(builders))
-            return Response(status_code=499)  # the client is gone; nobody reads this
+            return None, Response(status_code=499)  # the client is gone; nobody reads this
+        return collected, None
+
+    async def _chat_unary(http, call, streams, builders, chunk_id, created_at, model):
+        collected, response = await _collect_unary(http, call, streams, builders)
+        if response is not None:
+            return response
         body = {"id": chunk_id, "object": "chat.completion", "created": created_at, "model": model,
                 "system_fingerprint": None,
                 "choices": [p.accumulate_chat(collected[i], i) for i in range(len(builders))],
@@ -508,21 +516,9 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
             include_usage = bool(r.stream_options and r.stream_options.include_usage)
             return EventSourceResponse(_completion_sse(call, streams, builders, chunk_id, created_at, model,
                                                        include_usage, prompt_tokens, r.n), ping=15, sep="\n")
-        watcher = asyncio.ensure_future(_watch_disconnect(http, streams))
-        collected: list[list[dict]] = [[] for _ in builders]
-        try:
-            async for group in _merged(streams):
-                for i, batch in group:
-                    collected[i].extend(builders[i].events(batch))
-                    final = builders[i].final
-                    if final is not None and final.stop_reason == StopReason.ERROR:
-                        return fail(call, _error_event(final))
-        finally:
-            watcher.cancel()
-            _cancel_all(streams)
-        if any(b.final is None or b.final.stop_reason == StopReason.CANCELLED for b in builders):
-            call.end("CANCELLED")
-            return Response(status_code=499)
+        collected, response = await _collect_unary(http, call, streams, builders)
+        if response is not None:
+            return response
         body = {"id": chunk_id, "object": "text_completion", "created": created_at, "model": model,
                 "system_fingerprint": None,
                 "choices": [p.accumulate_completion(collected[i], i) for i in range(len(builders))],

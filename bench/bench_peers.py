@@ -43,13 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def set_length(engine, seq: int, n: int) -> None:
-    """Mark n cached positions of seq as filled (the engine's slot table, or its older length map)."""
-    if hasattr(engine, "slots"):
-        engine.slots.set_length(seq, n)
-    else:
-        engine._length[seq] = n
-
 PEERS = Path(os.environ.get("GRANITE_DEPLOY_PEERS_DIR", common.CACHE.parent / "peers"))
 ORTGENAI_VERSION = "0.18.0"
 GGUF_VERSION = "0.19.0"
@@ -313,7 +306,7 @@ def worker_ours(artifact: str, threads: int, steps: int) -> dict:
     engine._grow(128 + steps + 1)
     common.fill_cache(engine, 8, 128, rng)
     for s in range(8):
-        set_length(engine, s, 128)
+        engine.slots.set_length(s, 128)
     times = []
     for i in range(steps):
         chunks = [Chunk(s, (int(rng.integers(0, 1000)),), 128 + i) for s in range(8)]

@@ -25,13 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def set_length(engine, seq: int, n: int) -> None:
-    """Mark n cached positions of seq as filled (the engine's slot table, or its older length map)."""
-    if hasattr(engine, "slots"):
-        engine.slots.set_length(seq, n)
-    else:
-        engine._length[seq] = n
-
 
 def slice_checkpoint(layers: int) -> Path:
     out = common.CACHE / f"granite-4.0-1b-{layers}layers-random"
@@ -85,7 +78,7 @@ def profile(artifact: str, batch: int, past: int, steps: int, threads: int, out)
     engine._grow(past + steps + 2)
     common.fill_cache(engine, batch, past, rng)
     for s in range(batch):
-        set_length(engine, s, past)
+        engine.slots.set_length(s, past)
     walls = []
     for i in range(steps + 1):
         t = time.perf_counter()

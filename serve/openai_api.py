@@ -407,11 +407,14 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
                                        ping=15, sep="\n")
         return await _chat_unary(http, call, streams, builders, chunk_id, created_at, model)
 
-    async def _chat_sse(call, streams, builders, chunk_id, created_at, model, include_usage):
+    async def _sse(call, streams, builders, enc, head: bytes, usage_chunk):
+        """The SSE body of chat and completions alike: `head`, each step's chunks in one write,
+        an error event if a generation fails, the usage chunk (`usage_chunk()`, when asked) and
+        [DONE]; however it ends, the generations are cancelled and the call logged."""
         status = "CANCELLED"
-        enc = p.ChunkEncoder(chunk_id, "chat.completion.chunk", created_at, model, include_usage)
         try:
-            yield b"".join(enc.choice(choice) for b in builders for choice in b.start())
+            if head:
+                yield head
             async for group in _merged(streams):
                 out = []
                 for i, batch in group:
@@ -423,13 +426,18 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
                     out += [enc.choice(choice) for choice in builders[i].events(batch)]
                 if out:
                     yield b"".join(out)
-            tail = enc.event(p.chat_chunk(chunk_id, created_at, model, [], _usage(builders), True)) \
-                if include_usage else b""
-            yield tail + enc.DONE
+            yield (enc.event(usage_chunk()) if usage_chunk else b"") + enc.DONE
             status = 200
         finally:
             _cancel_all(streams)
             call.end(status, stream=True, **_log_fields(builders))
+
+    def _chat_sse(call, streams, builders, chunk_id, created_at, model, include_usage):
+        enc = p.ChunkEncoder(chunk_id, "chat.completion.chunk", created_at, model, include_usage)
+        head = b"".join(enc.choice(choice) for b in builders for choice in b.start())
+        usage = (lambda: p.chat_chunk(chunk_id, created_at, model, [], _usage(builders), True)) if include_usage \
+            else None
+        return _sse(call, streams, builders, enc, head, usage)
 
     async def _collect_unary(http, call, streams, builders):
         """Run a non-streamed request to its end: (the events of each choice, None), or
@@ -526,28 +534,11 @@ def create_app(session: ModelSession, config: HttpConfig | None = None) -> FastA
         call.end(200, **_log_fields(builders))
         return JSONResponse(body)
 
-    async def _completion_sse(call, streams, builders, chunk_id, created_at, model, include_usage, prompt_tokens, n):
-        status = "CANCELLED"
+    def _completion_sse(call, streams, builders, chunk_id, created_at, model, include_usage, prompt_tokens, n):
         enc = p.ChunkEncoder(chunk_id, "text_completion", created_at, model, include_usage)
-        try:
-            async for group in _merged(streams):
-                out = []
-                for i, batch in group:
-                    final = batch[-1] if batch[-1].kind == "final" else None
-                    if final is not None and final.stop_reason == StopReason.ERROR:
-                        yield b"".join(out) + enc.event(_error_event(final).body())
-                        status = 500
-                        return
-                    out += [enc.choice(choice) for choice in builders[i].events(batch)]
-                if out:
-                    yield b"".join(out)
-            tail = enc.event(p.completion_chunk(chunk_id, created_at, model, [], _usage(builders, prompt_tokens, n),
-                                                True)) if include_usage else b""
-            yield tail + enc.DONE
-            status = 200
-        finally:
-            _cancel_all(streams)
-            call.end(status, stream=True, **_log_fields(builders))
+        usage = (lambda: p.completion_chunk(chunk_id, created_at, model, [], _usage(builders, prompt_tokens, n),
+                                            True)) if include_usage else None
+        return _sse(call, streams, builders, enc, b"", usage)
 
     # --- models, health, metrics -------------------------------------------------------------------
     def model_card(name: str) -> dict:

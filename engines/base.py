@@ -81,6 +81,12 @@ class Engine(ABC):
     def release(self, seq_id: int) -> None:
         """Free seq_id's slot at once (idempotent). A reused slot starts empty."""
 
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget seq_id's cached tokens past `length` (speculative rollback). The in-place KV
+        cache masks every position past a row's length, so for attention this is a length reset;
+        recurrent (Mamba) state cannot be cut at an earlier position, so engines with it refuse."""
+        raise EngineError(f"{type(self).__name__} cannot roll a sequence back")
+
     def close(self) -> None:
         pass
 

@@ -192,6 +192,11 @@ class OnnxRuntimeEngine(Engine):
             if st["kind"] != "kv":
                 self.memory.zero_row(self._buffers[st["input"]], row)
 
+    def truncate(self, seq_id: int, length: int) -> None:
+        if self.recurrent:
+            raise EngineError(f"sequence {seq_id}: recurrent (Mamba) state cannot be rolled back to {length} tokens")
+        self.slots.truncate(seq_id, length)
+
     def release(self, seq_id: int) -> None:
         if seq_id not in self.slots:
             return

@@ -98,6 +98,14 @@ class SlotTable:
             raise EngineError(f"sequence {seq_id} has no cache slot (reserve it first)")
         self.lengths[seq_id] = length
 
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget seq_id's tokens past `length` (0 <= length <= tokens cached)."""
+        if seq_id not in self.rows:
+            raise EngineError(f"sequence {seq_id} has no cache slot (reserve it first)")
+        if not 0 <= length <= self.lengths[seq_id]:
+            raise EngineError(f"sequence {seq_id}: cannot truncate {self.lengths[seq_id]} cached tokens to {length}")
+        self.lengths[seq_id] = length
+
     def plan(self, chunks: list[Chunk], capacity: int, max_seq_len: int, recurrent: bool) -> list[Call]:
         """The calls of one step, decodes first.
 

@@ -140,6 +140,11 @@ class TensorRTEngine(Engine):
                 if st.kind != "kv":
                     self._buffers[st.input][row].zero_()
 
+    def truncate(self, seq_id: int, length: int) -> None:
+        if self._recurrent:
+            raise EngineError(f"sequence {seq_id}: recurrent (Mamba) state cannot be rolled back to {length} tokens")
+        self.slots.truncate(seq_id, length)
+
     def release(self, seq_id: int) -> None:
         move = self.slots.release(seq_id)
         if move is not None:

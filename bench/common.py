@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -26,7 +27,22 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}"
 
 
-def random_checkpoint(name: str = "granite-4.0-1b") -> Path:
+@contextlib.contextmanager
+def build_lock():
+    """Several benchmark processes may want the same cached artifact at once: one builds it,
+    the others wait and then find it (callers re-check the cache inside the lock)."""
+    import fcntl
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".build.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _random_checkpoint(name: str = "granite-4.0-1b") -> Path:
     """The full-size architecture from ../shared/reference/configs with random weights, cached.
 
     Speed does not depend on weight values; a tiny tokenizer is attached so the
@@ -53,8 +69,12 @@ def random_checkpoint(name: str = "granite-4.0-1b") -> Path:
     print(f"# built random {name} checkpoint in {time.perf_counter() - t:.0f} s: {out}", flush=True)
     return out
 
+def random_checkpoint(name: str = "granite-4.0-1b") -> Path:
+    with build_lock():
+        return _random_checkpoint(name)
 
-def artifact_for(checkpoint: Path, validate: bool = True) -> Path:
+
+def _artifact_for(checkpoint: Path, validate: bool = True) -> Path:
     from granite_deploy.export.exporter import export
 
     out = CACHE / f"{checkpoint.name}-artifact"
@@ -66,6 +86,10 @@ def artifact_for(checkpoint: Path, validate: bool = True) -> Path:
     export(checkpoint, out, validate=validate, force=True)
     print(f"# exported in {time.perf_counter() - t:.0f} s: {out}", flush=True)
     return out
+
+def artifact_for(checkpoint: Path, validate: bool = True) -> Path:
+    with build_lock():
+        return _artifact_for(checkpoint, validate)
 
 
 def measure_bandwidth_gbs(threads: int = 2, size_mib: int = 1024) -> float:
@@ -164,7 +188,7 @@ def fill_cache(engine, rows: int, positions: int, rng) -> int:
     return filled
 
 
-def quantized_artifact(artifact: Path, method: str) -> Path:
+def _quantized_artifact(artifact: Path, method: str) -> Path:
     """int8/int4 weight-only copy of a benchmark artifact, cached. Random weights make the
     accuracy gate meaningless, so it is recorded but not enforced here (bench_quant_accuracy
     gates on a trained model)."""
@@ -183,6 +207,10 @@ def quantized_artifact(artifact: Path, method: str) -> Path:
     quantize(artifact, out, method, force=True, skip_gate=True, decode_steps=4, ppl_max_tokens=64)
     print(f"# quantized {method} in {time.perf_counter() - t:.0f} s: {out}", flush=True)
     return out
+
+def quantized_artifact(artifact: Path, method: str) -> Path:
+    with build_lock():
+        return _quantized_artifact(artifact, method)
 
 
 def peak_rss_gib() -> float:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,24 +35,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from granite_deploy.demo import launch_server, wait_serving  # noqa: E402
 
 
 def start(artifact: Path, max_batch: int, threads: int, timeout: float = 900.0):
     """`granite-deploy serve ARTIFACT --port 0 --http-port 0`: (process, gRPC target, HTTP base URL)."""
-    cmd = [sys.executable, "-m", "granite_deploy.cli", "serve", str(artifact), "--host", "127.0.0.1", "--port", "0",
-           "--http-port", "0", "--max-batch", str(max_batch), "--max-queue", "64", "--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        grpc_match = re.search(r"serving .*? on (\S+:\d+)", line)
-        http_match = re.search(r"OpenAI-compatible HTTP on (\S+:\d+)", line)
-        if grpc_match and http_match:
-            return proc, grpc_match.group(1), f"http://{http_match.group(1)}"
-    proc.kill()
-    raise RuntimeError(f"the server did not report that it is serving (gRPC and HTTP) within {timeout:.0f} s")
+    proc = launch_server(artifact, "--http-port", "0", "--max-batch", str(max_batch), "--max-queue", "64",
+                         "--threads", str(threads))
+    target, base = wait_serving(proc, timeout, http=True)
+    return proc, target, base
 
 
 async def grpc_request(stub, pb, prompt: str, new_tokens: int) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from granite_deploy.demo import launch_server, wait_serving  # noqa: E402
 
 PROMPT = ("Granite models are deployed as replicas behind a load balancer; each replica streams tokens "
           "from its own continuous batch")
@@ -44,25 +44,8 @@ PROMPT = ("Granite models are deployed as replicas behind a load balancer; each 
 
 def start_replica(artifact: Path, cores: str | None, threads: int, max_batch: int, timeout: float = 600.0):
     """`granite-deploy serve` on 127.0.0.1 (any free port), pinned to `cores` with taskset when given."""
-    cmd = [sys.executable, "-m", "granite_deploy.cli", "serve", str(artifact), "--host", "127.0.0.1", "--port", "0",
-           "--threads", str(threads), "--max-batch", str(max_batch)]
-    if cores is not None:
-        cmd = ["taskset", "-c", cores, *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    return proc, timeout
-
-
-def wait_serving(proc, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        match = re.search(r"serving .* on (\S+:\d+)", line)
-        if match:
-            return match.group(1)
-    proc.kill()
-    raise RuntimeError("a replica did not report that it is serving")
+    wrapper = ("taskset", "-c", cores) if cores is not None else ()
+    return launch_server(artifact, "--threads", str(threads), "--max-batch", str(max_batch), wrapper=wrapper), timeout
 
 
 def peak_rss_gib(pid: int) -> float:
@@ -117,7 +100,7 @@ def measure(artifact: Path, n: int, pinned: bool, threads: int, args) -> dict:
         for i in range(n):
             core = str(ordered[i % len(ordered)]) if pinned else None
             procs.append(start_replica(artifact, core, threads, args.max_batch))
-        targets = [wait_serving(p, t) for p, t in procs]
+        targets = [wait_serving(p, t)[0] for p, t in procs]
         result = run_load(targets, args.streams_per_replica * n, args.requests_per_stream, args.new_tokens)
         result["rss"] = [peak_rss_gib(p.pid) for p, _ in procs]
         result["cores"] = ",".join(str(ordered[i % len(ordered)]) for i in range(n)) if pinned else "all"

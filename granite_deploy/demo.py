@@ -21,22 +21,36 @@ def _say(msg: str) -> None:
     print(f"==> {msg}", flush=True)
 
 
-def start_server(artifact: Path, *args: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start `granite-deploy serve ARTIFACT --port 0 ARGS` and return (process, "host:port") once it
-    prints its ready line."""
-    cmd = [sys.executable, "-m", "granite_deploy.cli", "serve", str(artifact), "--host", "127.0.0.1", "--port", "0",
-           *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def launch_server(artifact: Path, *args: str, wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Start `granite-deploy serve ARTIFACT --host 127.0.0.1 --port 0 ARGS` (under `wrapper`, e.g.
+    taskset, when given); wait_serving() then reads where it listens."""
+    cmd = [*wrapper, sys.executable, "-m", "granite_deploy.cli", "serve", str(artifact), "--host", "127.0.0.1",
+           "--port", "0", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def wait_serving(proc: subprocess.Popen, timeout: float = 120.0, http: bool = False) -> tuple[str, str | None]:
+    """(gRPC "host:port", OpenAI HTTP base URL or None) from the server's ready line; kills the
+    process and raises if it does not say it is serving (with HTTP when `http`) within timeout."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
             break
-        match = re.search(r"serving .* on (\S+:\d+)", line)
-        if match:
-            return proc, match.group(1)
+        grpc_match = re.search(r"serving .*? on (\S+:\d+)", line)
+        http_match = re.search(r"OpenAI-compatible HTTP on (\S+:\d+)", line)
+        if grpc_match and (http_match or not http):
+            return grpc_match.group(1), f"http://{http_match.group(1)}" if http_match else None
     proc.kill()
-    raise RuntimeError(f"the server did not report that it is serving within {timeout:.0f} s")
+    what = "gRPC and HTTP" if http else "gRPC"
+    raise RuntimeError(f"the server did not report that it is serving ({what}) within {timeout:.0f} s")
+
+
+def start_server(artifact: Path, *args: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start `granite-deploy serve ARTIFACT --port 0 ARGS` and return (process, "host:port") once it
+    prints its ready line."""
+    proc = launch_server(artifact, *args)
+    return proc, wait_serving(proc, timeout)[0]
 
 
 def run_demo(workdir: str | None = None, keep: bool = False) -> int:

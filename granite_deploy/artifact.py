@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import progress
-from .manifest import (CACHE_CAPACITY, DECODER, DECODER_CPU, FORMAT, FORMAT_VERSION, MANIFEST, ArtifactError,
-                       BadArtifactPath, FileRecord, Manifest, ManifestError)
+from .manifest import (CACHE_CAPACITY, DECODER, DECODER_CPU, DECODER_RAGGED, FORMAT, FORMAT_VERSION, MANIFEST,
+                       ArtifactError, BadArtifactPath, FileRecord, Manifest, ManifestError)
 from .manifest import load as _load
 from .manifest import save as _save
 
@@ -32,7 +32,7 @@ _HASH_CHUNK = 8 << 20
 __all__ = ["ArtifactError", "ManifestError", "BadArtifactPath", "Manifest", "load_manifest", "write_manifest",
            "open_trusted", "verify", "check_files", "file_records", "sha256_file", "manifest_sha256", "graph_path",
            "staging_dir", "unlisted_files", "MANIFEST", "FORMAT", "FORMAT_VERSION", "CACHE_CAPACITY", "DECODER",
-           "DECODER_CPU"]
+           "DECODER_CPU", "DECODER_RAGGED"]
 
 
 def sha256_file(path: Path, bar: progress.Bar | None = None) -> str:

@@ -38,6 +38,18 @@ CACHE_CAPACITY = "cache_capacity"
 # (same weights file, head-dim-major KV cache; export/cpu_graph.py).
 DECODER = "decoder"
 DECODER_CPU = "decoder_cpu"
+# The ragged-step flavour of decoder_cpu (export/ragged_graph.py, docs/ragged-step.md): every chunk of a
+# scheduler step in one call. Its `state` lists group 0's tensors (decoder_cpu's names); group g >= 1
+# binds the same tensors under ragged_state_name(name, g).
+DECODER_RAGGED = "decoder_ragged"
+RAGGED_GROUPS = 2
+
+
+def ragged_state_name(name: str, group: int) -> str:
+    """A decoder_ragged state input/output name for group `group` (group 0: the name itself)."""
+    return name if group == 0 else f"group{group}.{name}"
+
+
 STATE_KINDS = ("kv", "conv", "ssm")
 KV_LAYOUT_IN_PLACE = "fixed_capacity_in_place"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -698,4 +710,4 @@ def tensor_records(specs: Iterable) -> tuple[TensorRecord, ...]:
 __all__ = ["Manifest", "GraphRecord", "StateSpec", "TensorRecord", "FileRecord", "PlanRecord", "ProfileRecord",
            "Architecture", "ArtifactError", "BadArtifactPath", "ManifestError", "load", "save", "parse", "from_dict", "make_manifest",
            "make_graph", "unsafe_path_problem", "MANIFEST", "FORMAT", "FORMAT_VERSION", "CACHE_CAPACITY", "DECODER",
-           "DECODER_CPU"]
+           "DECODER_CPU", "DECODER_RAGGED", "RAGGED_GROUPS", "ragged_state_name"]

@@ -52,6 +52,67 @@ class Call:
         return slice(self.lo, self.hi)
 
 
+# --- the ragged step: one graph call per step (graph flavour decoder_ragged, docs/ragged-step.md) ---------
+class RaggedInfeasible(EngineError):
+    """No two-group layout of the step keeps every row's cache writes inside max_seq_len (a row close
+    to the end in a group padded wider than its chunk). The engine then runs each chunk alone:
+    `plan_ragged([chunk])` always fits."""
+
+
+@dataclass(frozen=True)
+class Swap:
+    """Exchange rows `a` and `b`: the first `length_a` positions of row a's KV with the first
+    `length_b` of row b's, and the whole recurrent state of both (run before the call)."""
+
+    a: int
+    b: int
+    length_a: int
+    length_b: int
+
+
+@dataclass(frozen=True)
+class RaggedGroup:
+    """Rows [lo, hi) of every state buffer, `width` slots each (the padded layout of the graph's
+    group: `token_index`, `position_ids` [hi - lo, width], `lengths` [hi - lo]). `lo == hi`: the
+    group is empty (the engine binds a spare row instead where zero-size inputs do not run)."""
+
+    lo: int
+    hi: int
+    width: int
+    token_index: np.ndarray
+    position_ids: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.lo, self.hi)
+
+
+@dataclass(frozen=True)
+class RaggedCall:
+    """One call of the ragged graph for a whole step.
+
+    `input_ids`/`position_ids` [1, tokens]: every chunk's tokens, group 0's rows first, then
+    group 1's, rows in order. `unpad_index` [tokens]: each token's slot in group 0's slots
+    (row-major) then group 1's. `logits_index` [logits]: the tokens that get logits; chunk i's
+    are output rows [logits_offsets[i], logits_offsets[i + 1]) (its last token last; every token
+    when Chunk.all_logits). `swaps` run first (the table's rows already reflect them);
+    `capacity` is the cache capacity the call needs (start + width of every row of a group)."""
+
+    groups: tuple[RaggedGroup, RaggedGroup]
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    unpad_index: np.ndarray
+    logits_index: np.ndarray
+    logits_offsets: tuple[int, ...]
+    swaps: tuple[Swap, ...]
+    capacity: int
+
+    @property
+    def padded_slots(self) -> int:
+        return sum((g.hi - g.lo) * g.width for g in self.groups)
+
+
 class SlotTable:
     def __init__(self, max_batch: int):
         self.max_batch = max_batch
@@ -140,6 +201,139 @@ class SlotTable:
                 calls.append(Call(row, row + 1, (i,), (0,), ids, pos, decode=False))
         return calls
 
+    def plan_ragged(self, chunks: list[Chunk], capacity: int, max_seq_len: int,
+                    spare_row: int | None = None) -> RaggedCall:
+        """The one call of a step on the ragged graph (docs/ragged-step.md).
+
+        Chunks go into two groups by a threshold on their length (group 0: the short ones), the
+        threshold that minimises the padded slots (rows x width of each group's row range, idle
+        rows inside a range included: attention costs about that times the capacity). Each group
+        is a contiguous row range, the two disjoint; where the chosen groups' rows interleave,
+        rows are swapped (`Swap`, applied to `rows` here; the engine copies the state before the
+        call), the swaps weighed against the padding they save. Live rows inside a range without
+        a chunk get length 0 (the graph leaves them unchanged). An empty group 1 has rows [0, 0),
+        or, with `spare_row`, that one row with a 1-slot, 0-length dummy. Raises EngineError /
+        CacheFull for a step the cache cannot take, RaggedInfeasible when no layout keeps every
+        row's writes (start + width) within max_seq_len.
+        """
+        check_chunks(chunks, self.lengths, max_seq_len)
+        if len({c.seq_id for c in chunks}) != len(chunks):
+            raise EngineError("a sequence has two chunks in one step")
+        n = len(self.rows)
+        seq_at = {r: s for s, r in self.rows.items()}
+        length = [self.lengths[seq_at[r]] for r in range(n)]
+        chunk_at = {self.rows[c.seq_id]: i for i, c in enumerate(chunks)}
+        size = {r: len(chunks[i].token_ids) for r, i in chunk_at.items()}
+        widths = sorted(set(size.values()))
+        weight = max(capacity, 1)
+        best = None
+        for t in widths:  # group 0: chunks of at most t tokens
+            label = [None if r not in size else (0 if size[r] <= t else 1) for r in range(n)]
+            width = (t, widths[-1] if t < widths[-1] else 0)
+            # The rows as they are when that works; swaps only when the groups interleave (or a row
+            # would write past max_seq_len).
+            for arrangement in ([((), label)], self._arrangements(label)):
+                found = False
+                for swaps, lab in arrangement:
+                    ranges = _ranges(lab)
+                    if ranges is None:
+                        continue
+                    ln = list(length)
+                    for a, b in swaps:
+                        ln[a], ln[b] = ln[b], ln[a]
+                    if any(ln[r] + width[g] > max_seq_len for g in (0, 1) for r in range(*ranges[g])):
+                        continue
+                    found = True
+                    slots = sum((hi - lo) * width[g] for g, (lo, hi) in enumerate(ranges))
+                    cost = slots * weight + 2 * sum(length[a] + length[b] for a, b in swaps)
+                    key = (cost, t < widths[-1], len(swaps))
+                    if best is None or key < best[0]:
+                        best = (key, swaps, ranges, width)
+                if found:
+                    break
+        if best is None:
+            raise RaggedInfeasible(f"no two-group layout of {len(chunks)} chunks keeps every row within "
+                                   f"{max_seq_len} positions")
+        _, swaps, ranges, width = best
+        # Apply the swaps to the table.
+        out_swaps = []
+        for a, b in swaps:
+            sa, sb = seq_at[a], seq_at[b]
+            out_swaps.append(Swap(a, b, self.lengths[sa], self.lengths[sb]))
+            self.rows[sa], self.rows[sb] = b, a
+            seq_at[a], seq_at[b] = sb, sa
+        chunk_at = {self.rows[c.seq_id]: i for i, c in enumerate(chunks)}
+        # Flat layout: group 0's rows, then group 1's, each row's tokens in order.
+        offset = [0] * len(chunks)
+        ids, pos, unpad = [], [], []
+        slot_base = 0
+        for g, (lo, hi) in enumerate(ranges):
+            for r in range(lo, hi):
+                i = chunk_at.get(r)
+                if i is None:
+                    continue
+                c = chunks[i]
+                offset[i] = len(ids)
+                ids.extend(c.token_ids)
+                pos.extend(range(c.start, c.start + len(c.token_ids)))
+                unpad.extend(slot_base + (r - lo) * width[g] + j for j in range(len(c.token_ids)))
+            slot_base += (hi - lo) * width[g]
+        groups = []
+        for g, (lo, hi) in enumerate(ranges):
+            w = width[g]
+            token_index = np.zeros((hi - lo, w), np.int64)
+            position_ids = np.zeros((hi - lo, w), np.int64)
+            lengths = np.zeros(hi - lo, np.int64)
+            for r in range(lo, hi):
+                position_ids[r - lo] = np.arange(self.lengths[seq_at[r]], self.lengths[seq_at[r]] + w)
+                i = chunk_at.get(r)
+                if i is not None:
+                    k = len(chunks[i].token_ids)
+                    token_index[r - lo] = offset[i] + np.minimum(np.arange(w), k - 1)
+                    lengths[r - lo] = k
+            groups.append(RaggedGroup(lo, hi, w, token_index, position_ids, lengths))
+        if groups[1].lo == groups[1].hi:
+            if spare_row is not None:
+                one = np.zeros((1, 1), np.int64)
+                groups[1] = RaggedGroup(spare_row, spare_row + 1, 1, one, one.copy(), np.zeros(1, np.int64))
+            else:
+                groups[1] = RaggedGroup(0, 0, 0, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64),
+                                        np.zeros(0, np.int64))
+        logits, offsets = [], [0]
+        for i, c in enumerate(chunks):
+            k = len(c.token_ids)
+            logits.extend(range(offset[i], offset[i] + k) if c.all_logits else [offset[i] + k - 1])
+            offsets.append(len(logits))
+        needed = max([self.lengths[seq_at[r]] + g.width for g in groups
+                      for r in range(g.lo, g.hi) if r in seq_at] + [1])
+        return RaggedCall((groups[0], groups[1]), np.asarray(ids, np.int64)[None], np.asarray(pos, np.int64)[None],
+                          np.asarray(unpad, np.int64), np.asarray(logits, np.int64), tuple(offsets),
+                          tuple(out_swaps), needed)
+
+    @staticmethod
+    def _arrangements(label: list):
+        """Row layouts with swaps for group labels (0, 1, None: idle) per row: for every split point
+        p with one group below and the other at p or above, the misplaced rows swapped with each
+        other (or with idle rows on the right side, the ones nearest p). Yields (swaps as (a, b)
+        row pairs, the labels afterwards)."""
+        n = len(label)
+        for low, high in ((0, 1), (1, 0)):
+            n_low, n_high = label.count(low), label.count(high)
+            for p in range(n_low, n - n_high + 1):
+                up = [r for r in range(p, n) if label[r] == low]  # must go below p
+                down = [r for r in range(p) if label[r] == high]  # must go to p or above
+                if not up and not down:
+                    continue
+                pairs = list(zip(up, down))
+                idle_below = [r for r in range(p - 1, -1, -1) if label[r] is None]
+                idle_above = [r for r in range(p, n) if label[r] is None]
+                pairs += list(zip(up[len(down):], idle_below))
+                pairs += list(zip(down[len(up):], idle_above))
+                lab = list(label)
+                for a, b in pairs:
+                    lab[a], lab[b] = lab[b], lab[a]
+                yield tuple(pairs), lab
+
     def advance(self, chunks: list[Chunk]) -> None:
         """Record that the step ran: each chunk's tokens are now cached."""
         for c in chunks:
@@ -157,6 +351,19 @@ class SlotTable:
                 ranges.append((rows[start], rows[k - 1] + 1, decodes[start:k]))
                 start = k
         return ranges
+
+
+def _ranges(label: list) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The row range [lo, hi) of group 0 and of group 1 ((0, 0) when empty) for per-row labels, or
+    None when the two ranges overlap."""
+    out = []
+    for g in (0, 1):
+        rows = [r for r, x in enumerate(label) if x == g]
+        out.append((rows[0], rows[-1] + 1) if rows else (0, 0))
+    (lo0, hi0), (lo1, hi1) = out
+    if lo1 < hi1 and lo0 < hi1 and lo1 < hi0:
+        return None
+    return out[0], out[1]
 
 
 def blocks(needed: int, block: int, limit: int) -> int:

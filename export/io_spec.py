@@ -18,7 +18,7 @@ buffer written in place rather than Optimum's concatenated past/present:
 
 from __future__ import annotations
 
-from ..manifest import CACHE_CAPACITY, StateSpec, TensorRecord
+from ..manifest import CACHE_CAPACITY, RAGGED_GROUPS, StateSpec, TensorRecord, ragged_state_name
 from .checkpoint import GraniteArch
 
 # Symbolic dimension names (also written into the manifest).
@@ -113,4 +113,39 @@ def graph_io(arch: GraniteArch, cache_dtype: str = "float32",
         shape = (BATCH, *st.shape)
         inputs.append(TensorSpec(st.input, st.dtype, shape))
         outputs.append(TensorSpec(st.output, st.dtype, shape))
+    return inputs, outputs
+
+
+# The ragged-step flavour (export/ragged_graph.py, docs/ragged-step.md): one call per scheduler step.
+TOKENS = "tokens"
+LOGITS_INDEX = "logits_index"
+UNPAD_INDEX = "unpad_index"
+RAGGED_GROUP_INPUTS = ("token_index", "position_ids", "lengths")
+
+
+def ragged_group_input(group: int, what: str) -> str:
+    """group{g}.token_index | group{g}.position_ids | group{g}.lengths."""
+    assert what in RAGGED_GROUP_INPUTS, what
+    return f"group{group}.{what}"
+
+
+def ragged_graph_io(arch: GraniteArch) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """decoder_ragged's inputs and outputs: flat tokens, the index inputs, both groups' state."""
+    inputs = [
+        TensorSpec(INPUT_IDS, "int64", (1, TOKENS)),
+        TensorSpec(POSITION_IDS, "int64", (1, TOKENS)),
+        TensorSpec(LOGITS_INDEX, "int64", (LOGITS,)),
+        TensorSpec(UNPAD_INDEX, "int64", (TOKENS,)),
+    ]
+    for g in range(RAGGED_GROUPS):
+        rows, width = f"group{g}.rows", f"group{g}.width"
+        inputs += [TensorSpec(ragged_group_input(g, "token_index"), "int64", (rows, width)),
+                   TensorSpec(ragged_group_input(g, "position_ids"), "int64", (rows, width)),
+                   TensorSpec(ragged_group_input(g, "lengths"), "int64", (rows,))]
+    outputs = [TensorSpec(LOGITS, "float32", (1, LOGITS, arch.vocab_size))]
+    for g in range(RAGGED_GROUPS):
+        for st in state_records(arch, "float32", head_dim_major=True):
+            shape = (f"group{g}.rows", *st.shape)
+            inputs.append(TensorSpec(ragged_state_name(st.input, g), st.dtype, shape))
+            outputs.append(TensorSpec(ragged_state_name(st.output, g), st.dtype, shape))
     return inputs, outputs

@@ -1,0 +1,579 @@
+"""The ragged-step flavour of the CPU graph: every chunk of a scheduler step in one call.
+
+`decoder_ragged` (docs/ragged-step.md is the contract) is derived from
+`decoder_cpu` (export/cpu_graph.py) by rewriting nodes only: it is loaded
+without its external data and written as a second graph file pointing at the
+same data file, so fp32 and weight-only int8/int4 (MatMulNBits) graphs get it
+unchanged, for a few hundred KB on disk.
+
+A step of T tokens runs twice laid out:
+
+- flat, [1, T]: the embedding, every norm, every weight MatMul (or
+  MatMulNBits), RoPE (from `position_ids` [1, T]), the Mamba in/out
+  projections, gating and the head; each weight is read once per step.
+- padded, per group g (two groups, each a contiguous range of cache rows,
+  [rows_g, width_g] slots): attention and the Mamba2 conv + SSD scan, the
+  parts that mix tokens of one sequence. `group{g}.token_index` gathers the
+  flat tokens into slots, `unpad_index` gathers the slots back.
+
+Attention per group is decoder_cpu's (head-dim-major cache, MatMul/Softmax):
+K and V are written with TensorScatter at `group{g}.position_ids[:, 0]` (axis
+-1), the mask is `key position <= group{g}.position_ids`. Mamba per group:
+padding slots (j >= `group{g}.lengths[r]`) get dt = 0, so the SSM state does
+not move through them, and the conv state written back is the K inputs ending
+at the row's real chunk end (GatherElements on the [old window | chunk]
+concatenation), so an idle row (length 0) keeps conv and ssm state exactly.
+The Mamba causal masks come from the group's width.
+
+The head gathers the hidden states at `logits_index` before the final norm;
+`num_logits_to_keep` is gone. Group 0's state tensors keep decoder_cpu's
+names, group 1's are `group1.past_key_values.{i}.*` / `group1.present.{i}.*`
+(granite_deploy.manifest.ragged_state_name).
+
+Empty groups: rows_g = 0 (state inputs [0, ...], token_index [0, width])
+runs in ONNX Runtime 1.32's CPU provider and leaves the other group's results
+unchanged (tests/export/test_ragged_graph.py checks it); engines may bind an
+unused group as zero rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+from ..manifest import DECODER, DECODER_CPU, DECODER_RAGGED, RAGGED_GROUPS, GraphRecord, ragged_state_name, \
+    tensor_records
+from .io_spec import (CPU_CACHE_LAYOUT, INPUT_IDS, LOGITS, LOGITS_INDEX, NUM_LOGITS_TO_KEEP, POSITION_IDS,
+                      UNPAD_INDEX, ragged_graph_io, ragged_group_input, state_names, state_records)
+
+RAGGED_GRAPH_FILE = "model.ragged.onnx"
+# The check at export compares fp32 logits of one ragged call with the same chunks run one by one.
+PARITY_MAX_ABS_DIFF = 1e-3
+
+
+class RaggedGraphError(ValueError):
+    pass
+
+
+class _Builder:
+    """New nodes and small constants of the rewrite (names under `ragged/`)."""
+
+    def __init__(self):
+        self.nodes = []
+        self.inits = {}
+
+    def const(self, name, value, dtype=np.int64):
+        from onnx import numpy_helper
+
+        full = f"ragged/c/{name}"
+        if full not in self.inits:
+            self.inits[full] = numpy_helper.from_array(np.asarray(value, dtype), full)
+        return full
+
+    def op(self, op_type, inputs, out, n_out=1, **attrs):
+        from onnx import helper
+
+        outs = [out] if n_out == 1 else [f"{out}_{k}" for k in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=out, **attrs))
+        return out if n_out == 1 else outs
+
+
+def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH_FILE) -> Path:
+    """Write the ragged flavour of the decoder_cpu graph at cpu_graph_path next to it; returns its path."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    src = Path(cpu_graph_path)
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    nodes = list(graph.node)
+    producers = {o: n for n in nodes for o in n.output}
+    by_name = {n.name: n for n in nodes}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for name in n.input:
+            consumers.setdefault(name, []).append(n)
+    a = arch
+    kinds = list(a.layer_types or ("attention",) * a.num_layers)
+    nH, kvH, D = a.num_heads, a.num_kv_heads, a.head_dim
+    G = nH // kvH
+    b = _Builder()
+    c = b.const
+    removed: set[int] = set()  # id() of nodes replaced by the rewrite (the rest become dead and are pruned)
+
+    def produced_by(name, op_type, what):
+        n = producers.get(name)
+        if n is None or n.op_type != op_type:
+            raise RaggedGraphError(f"{src}: {what}: expected {name!r} to come from a {op_type} node, got "
+                                   f"{n.op_type if n is not None else 'a graph input or initializer'}; re-derive "
+                                   "decoder_cpu with this version")
+        return n
+
+    def only_consumer(name, op_type, what):
+        users = consumers.get(name, [])
+        if len(users) != 1 or users[0].op_type != op_type:
+            raise RaggedGraphError(f"{src}: {what}: expected {name!r} to be read by one {op_type} node, got "
+                                   f"{[u.op_type for u in users]}")
+        return users[0]
+
+    def gname(name, g):
+        return ragged_state_name(name, g)
+
+    # --- per-group index tensors, shared by every layer ------------------------------------------------
+    tok = [ragged_group_input(g, "token_index") for g in range(RAGGED_GROUPS)]
+    gpos = [ragged_group_input(g, "position_ids") for g in range(RAGGED_GROUPS)]
+    glen = [ragged_group_input(g, "lengths") for g in range(RAGGED_GROUPS)]
+    # unpad gather index as [1, T], so the gather back lands at [1, T, features] directly
+    unpad_2d = b.op("Unsqueeze", [UNPAD_INDEX, c("axes_0", [0])], "ragged/unpad_2d")
+    shared: list[dict] = []
+    attention_layers = [i for i, k in enumerate(kinds) if k == "attention"]
+    mamba_layers = [i for i, k in enumerate(kinds) if k == "mamba"]
+    for g in range(RAGGED_GROUPS):
+        p = f"ragged/group{g}"
+        s = {}
+        rw = b.op("Shape", [tok[g]], f"{p}/rw")  # [R, W]
+        s["R"] = b.op("Gather", [rw, c("idx0_1d", [0])], f"{p}/R", axis=0)  # [1]
+        s["W"] = b.op("Gather", [rw, c("idx1_1d", [1])], f"{p}/W", axis=0)  # [1]
+        s["W0"] = b.op("Squeeze", [s["W"], c("axes_0", [0])], f"{p}/W0")  # scalar
+        s["RW"] = b.op("Mul", [s["R"], s["W"]], f"{p}/RW")
+        if attention_layers:
+            first_k = gname(state_names(attention_layers[0], "key")[0], g)
+            cap = b.op("Shape", [first_k], f"{p}/capacity", start=3, end=4)  # [1]
+            kv_pos = b.op("Range", [c("zero", 0), b.op("Squeeze", [cap, c("axes_0", [0])], f"{p}/capacity0"),
+                                    c("one", 1)], f"{p}/kv_pos")  # [cap]
+            q_pos = b.op("Unsqueeze", [gpos[g], c("axes_1_2_4", [1, 2, 4])], f"{p}/q_pos")  # [R, 1, 1, W, 1]
+            mask5 = b.op("LessOrEqual", [kv_pos, q_pos], f"{p}/mask5")  # [R, 1, 1, W, cap]
+            gw = b.op("Mul", [s["W"], c("G", [G])], f"{p}/GW")
+            s["mask"] = b.op("Reshape", [b.op("Expand", [mask5, b.op("Concat", [s["R"], c("one_1d", [1]), c("G", [G]), s["W"], cap], f"{p}/mask_shape", axis=0)], f"{p}/mask5_g"),
+                                         b.op("Concat", [s["R"], c("one_1d", [1]), gw, cap], f"{p}/mask4_shape", axis=0)],
+                             f"{p}/mask")  # [R, 1, G*W, cap], query slot (g, w) of head group kv
+            s["write"] = b.op("Gather", [gpos[g], c("zero", 0)], f"{p}/write_index", axis=1)  # [R]
+            # q gather index over [kvH, G*T, D]: slot (r, g, w) reads g*T + token_index[r, w]
+            T = b.op("Shape", [INPUT_IDS], f"{p}/T", start=1, end=2)
+            offs = b.op("Mul", [c("g_range", np.arange(G).reshape(1, G, 1)), T], f"{p}/q_offsets")  # [1, G, 1]
+            qi = b.op("Add", [b.op("Unsqueeze", [tok[g], c("axes_1", [1])], f"{p}/tok3"), offs], f"{p}/q_index3")
+            s["q_index"] = b.op("Reshape", [qi, b.op("Concat", [s["R"], gw], f"{p}/q_index_shape", axis=0)],
+                                f"{p}/q_index")  # [R, G*W]
+            s["o5_shape"] = b.op("Concat", [s["R"], c("kvH_D", [kvH, D, G]), s["W"]], f"{p}/o5_shape", axis=0)
+            s["flat_shape"] = b.op("Concat", [s["RW"], c("nHD", [nH * D])], f"{p}/flat_shape", axis=0)
+        if mamba_layers:
+            m = a.mamba
+            pos_w = b.op("Range", [c("zero", 0), s["W0"], c("one", 1)], f"{p}/slot")  # [W]
+            rows = b.op("Unsqueeze", [pos_w, c("axes_neg1", [-1])], f"{p}/slot_col")
+            s["causal_incl"] = b.op("LessOrEqual", [pos_w, rows], f"{p}/causal_incl")  # [W(i), W(j)]: j <= i
+            s["causal_strict"] = b.op("Less", [pos_w, rows], f"{p}/causal_strict")
+            len_col = b.op("Unsqueeze", [glen[g], c("axes_neg1", [-1])], f"{p}/len_col")  # [R, 1]
+            s["valid"] = b.op("Unsqueeze", [b.op("Less", [pos_w, len_col], f"{p}/valid2"), c("axes_neg1", [-1])],
+                              f"{p}/valid")  # [R, W, 1]: a real token (not padding)
+            K, C = m["d_conv"], m["conv_dim"]
+            win = b.op("Add", [b.op("Unsqueeze", [glen[g], c("axes_1_2", [1, 2])], f"{p}/len3"),
+                               c("k_range", np.arange(K).reshape(1, 1, K))], f"{p}/conv_window_index3")
+            s["conv_index"] = b.op("Expand", [win, b.op("Concat", [s["R"], c("C_K", [C, K])], f"{p}/conv_index_shape",
+                                                        axis=0)], f"{p}/conv_index")  # [R, C, K]
+            s["y_shape"] = b.op("Concat", [s["RW"], c("mamba_I", [m["intermediate"]])], f"{p}/mamba_y_shape", axis=0)
+        shared.append(s)
+
+    # --- attention layers ------------------------------------------------------------------------------
+    for i in attention_layers:
+        past_k, present_k = state_names(i, "key")
+        past_v, present_v = state_names(i, "value")
+        tag = f"ragged/l{i}"
+        kv = {}
+        for part, present in (("key", present_k), ("value", present_v)):
+            w = produced_by(present, "TensorScatter", f"layer {i} {part} write")
+            t = produced_by(w.input[1], "Transpose", f"layer {i} {part} update")
+            kv[part] = t.input[0]  # [1, kvH, T, D]
+            removed.update((id(w), id(t)))
+        k5 = only_consumer(present_k, "Unsqueeze", f"layer {i} keys")
+        p = k5.name[: -len("/k5")]
+        q_scaled = produced_by(f"{p}/q_scaled", "Mul", f"layer {i} query scale")
+        q, scale = q_scaled.input
+        y_node = by_name.get(f"{p}/y")
+        if y_node is None or y_node.op_type != "Reshape":
+            raise RaggedGraphError(f"{src}: layer {i}: no Reshape node {p}/y (decoder_cpu's attention output)")
+        y_att = y_node.output[0]
+        y_t = only_consumer(y_att, "Transpose", f"layer {i} attention output")
+        merged = only_consumer(y_t.output[0], "Reshape", f"layer {i} head merge")
+        removed.update((id(y_t), id(merged)))
+        # shared over the groups: scaled q as [kvH, G*T, D], k and v as [kvH, T, D]
+        qs = b.op("Mul", [q, scale], f"{tag}/q_scaled")
+        q3 = b.op("Reshape", [qs, c("q3_shape", [kvH, -1, D])], f"{tag}/q3")
+        k3 = b.op("Squeeze", [kv["key"], c("axes_0", [0])], f"{tag}/k3")
+        v3 = b.op("Squeeze", [kv["value"], c("axes_0", [0])], f"{tag}/v3")
+        outs = []
+        for g in range(RAGGED_GROUPS):
+            s, pg = shared[g], f"{tag}/g{g}"
+            cache = {}
+            for part, x3, names in (("key", k3, state_names(i, "key")), ("value", v3, state_names(i, "value"))):
+                upd = b.op("Transpose", [b.op("Gather", [x3, tok[g]], f"{pg}/{part}_slots", axis=1)],
+                           f"{pg}/{part}_update", perm=[1, 0, 3, 2])  # [kvH, R, W, D] -> [R, kvH, D, W]
+                cache[part] = b.op("TensorScatter", [gname(names[0], g), upd, s["write"]], gname(names[1], g),
+                                   axis=-1)
+                b.nodes[-1].name = f"{pg}/write_{part}"
+            qg = b.op("Transpose", [b.op("Gather", [q3, s["q_index"]], f"{pg}/q_slots", axis=1)], f"{pg}/q",
+                      perm=[1, 0, 2, 3])  # [kvH, R, G*W, D] -> [R, kvH, G*W, D]
+            scores = b.op("MatMul", [qg, cache["key"]], f"{pg}/scores")  # [R, kvH, G*W, cap]
+            scores = b.op("Where", [s["mask"], scores, c("minus_inf", -np.inf, np.float32)], f"{pg}/scores_masked")
+            probs = b.op("Softmax", [scores], f"{pg}/probs", axis=-1)
+            probs_t = b.op("Transpose", [probs], f"{pg}/probs_t", perm=[0, 1, 3, 2])
+            out_t = b.op("MatMul", [cache["value"], probs_t], f"{pg}/out_t")  # [R, kvH, D, G*W]
+            out5 = b.op("Reshape", [out_t, s["o5_shape"]], f"{pg}/out5")  # [R, kvH, D, G, W]
+            out5 = b.op("Transpose", [out5], f"{pg}/out5_t", perm=[0, 4, 1, 3, 2])  # [R, W, kvH, G, D]
+            outs.append(b.op("Reshape", [out5, s["flat_shape"]], f"{pg}/out_slots"))  # [R*W, nH*D]
+        slots = b.op("Concat", outs, f"{tag}/out_slots", axis=0)
+        b.nodes.append(helper.make_node("Gather", [slots, unpad_2d], [merged.output[0]], name=f"{tag}/unpad", axis=0))
+
+    # --- Mamba layers ----------------------------------------------------------------------------------
+    for i in mamba_layers:
+        m = a.mamba
+        I, N, nh, hd, K, C = m["intermediate"], m["d_state"], m["heads"], m["head_dim"], m["d_conv"], m["conv_dim"]
+        conv_in, conv_out = state_names(i, "conv")
+        ssm_in, ssm_out = state_names(i, "ssm")
+        cat = only_consumer(conv_in, "Concat", f"layer {i} conv window")
+        mt = cat.output[0][: -len("/conv_window")]
+        xbc = produced_by(cat.input[1], "Transpose", f"layer {i} conv input").input[0]  # [1, T, C]
+        conv = next((n for n in consumers.get(cat.output[0], []) if n.op_type == "Conv"), None)
+        if conv is None:
+            raise RaggedGraphError(f"{src}: layer {i}: no Conv reads {cat.output[0]}")
+        conv_attrs = {at.name: helper.get_attribute_value(at) for at in conv.attribute}
+        dt = produced_by(f"{mt}/dt_t", "Transpose", f"layer {i} dt").input[0]  # [1, T, nh]
+        A = produced_by(f"{mt}/a", "Mul", f"layer {i} a = dt A").input[1]
+        Dskip = produced_by(f"{mt}/y_skip", "Mul", f"layer {i} skip").input[1]
+        y3 = produced_by(f"{mt}/y3", "Reshape", f"layer {i} mixer output")
+        removed.update((id(y3), id(producers[conv_out]), id(producers[ssm_out])))
+        tag = f"ragged/l{i}"
+        xbc2 = b.op("Squeeze", [xbc, c("axes_0", [0])], f"{tag}/xbc2")  # [T, C]
+        dt2 = b.op("Squeeze", [dt, c("axes_0", [0])], f"{tag}/dt2")  # [T, nh]
+        outs = []
+        for g in range(RAGGED_GROUPS):
+            s, pg = shared[g], f"{tag}/g{g}"
+            cin, sin = gname(conv_in, g), gname(ssm_in, g)
+            xt = b.op("Transpose", [b.op("Gather", [xbc2, tok[g]], f"{pg}/xbc_slots", axis=0)], f"{pg}/xbc_t",
+                      perm=[0, 2, 1])  # [R, C, W]
+            window = b.op("Concat", [cin, xt], f"{pg}/conv_window", axis=2)  # [R, C, K + W]
+            cv = b.op("Conv", [window, *conv.input[1:]], f"{pg}/conv", **conv_attrs)
+            cv = b.op("Slice", [cv, c("one_1d", [1]), c("int_max", [2**62]), c("axis2", [2])], f"{pg}/conv_new")
+            b.nodes.append(helper.make_node("GatherElements", [window, s["conv_index"]], [gname(conv_out, g)],
+                                            name=f"{pg}/conv_state", axis=2))
+            act = b.op("Mul", [cv, b.op("Sigmoid", [cv], f"{pg}/conv_sig")], f"{pg}/conv_silu")
+            act = b.op("Transpose", [act], f"{pg}/conv_act", perm=[0, 2, 1])  # [R, W, C]
+            x, bm, cm = b.op("Split", [act, c("xbc_split", [I, N, N])], f"{pg}/xbc", n_out=3, axis=-1)
+            dtg = b.op("Where", [s["valid"], b.op("Gather", [dt2, tok[g]], f"{pg}/dt_slots", axis=0),
+                                 c("zero_f", 0.0, np.float32)], f"{pg}/dt")  # [R, W, nh]; 0 on padding
+            dt_t = b.op("Transpose", [dtg], f"{pg}/dt_t", perm=[0, 2, 1])  # [R, nh, W]
+            av = b.op("Mul", [dt_t, A], f"{pg}/a")
+            cum = b.op("CumSum", [av, c("axis_neg1", -1)], f"{pg}/a_cum")
+            a_rows = b.op("Expand", [b.op("Unsqueeze", [av, c("axes_neg1", [-1])], f"{pg}/a_col"),
+                                     b.op("Concat", [b.op("Shape", [av], f"{pg}/a_shape"), s["W"]],
+                                          f"{pg}/segsum_shape", axis=0)], f"{pg}/a_rows")  # [R, nh, W(k), W(j)]
+            segsum = b.op("CumSum", [b.op("Where", [s["causal_strict"], a_rows, c("zero_f", 0.0, np.float32)],
+                                          f"{pg}/a_masked"), c("axis_neg2", -2)], f"{pg}/segsum")
+            decay = b.op("Where", [s["causal_incl"], b.op("Exp", [segsum], f"{pg}/segsum_exp"),
+                                   c("zero_f", 0.0, np.float32)], f"{pg}/decay")
+            xh = b.op("Transpose", [b.op("Reshape", [x, c("shape_heads", [0, 0, nh, hd])], f"{pg}/x4")], f"{pg}/xh",
+                      perm=[0, 2, 1, 3])  # [R, nh, W, hd]
+            xdt = b.op("Mul", [xh, b.op("Unsqueeze", [dt_t, c("axes_neg1", [-1])], f"{pg}/dt4")], f"{pg}/xdt")
+            cb = b.op("MatMul", [cm, b.op("Transpose", [bm], f"{pg}/b_t", perm=[0, 2, 1])], f"{pg}/cb")
+            sc = b.op("Mul", [b.op("Unsqueeze", [cb, c("axes_1", [1])], f"{pg}/cb4"), decay], f"{pg}/scores")
+            y = b.op("MatMul", [sc, xdt], f"{pg}/y_chunk")
+            c4 = b.op("Unsqueeze", [cm, c("axes_1", [1])], f"{pg}/c4")
+            fs = b.op("MatMul", [c4, b.op("Transpose", [sin], f"{pg}/state_t", perm=[0, 1, 3, 2])], f"{pg}/y_state_raw")
+            fs = b.op("Mul", [fs, b.op("Unsqueeze", [b.op("Exp", [cum], f"{pg}/cum_exp"), c("axes_neg1", [-1])],
+                                       f"{pg}/cum_exp4")], f"{pg}/y_state")
+            skip = b.op("Mul", [xh, Dskip], f"{pg}/y_skip")
+            y = b.op("Add", [b.op("Add", [y, fs], f"{pg}/y_sum"), skip], f"{pg}/y")  # [R, nh, W, hd]
+            to_end = b.op("Exp", [b.op("Gather", [segsum, c("last", -1)], f"{pg}/segsum_last", axis=2)],
+                          f"{pg}/to_end")
+            weighted = b.op("Mul", [xdt, b.op("Unsqueeze", [to_end, c("axes_neg1", [-1])], f"{pg}/to_end4")],
+                            f"{pg}/x_weighted")
+            contrib = b.op("MatMul", [b.op("Transpose", [weighted], f"{pg}/xw_t", perm=[0, 1, 3, 2]),
+                                      b.op("Unsqueeze", [bm, c("axes_1", [1])], f"{pg}/b4")], f"{pg}/contrib")
+            total = b.op("Exp", [b.op("Gather", [cum, c("last_1d", [-1])], f"{pg}/cum_last", axis=2)],
+                         f"{pg}/cum_last_exp")
+            kept = b.op("Mul", [sin, b.op("Unsqueeze", [total, c("axes_neg1", [-1])], f"{pg}/total4")],
+                        f"{pg}/state_kept")
+            b.nodes.append(helper.make_node("Add", [kept, contrib], [gname(ssm_out, g)], name=f"{pg}/state_new"))
+            y = b.op("Transpose", [y], f"{pg}/y_bl", perm=[0, 2, 1, 3])  # [R, W, nh, hd]
+            outs.append(b.op("Reshape", [y, s["y_shape"]], f"{pg}/y_slots"))  # [R*W, I]
+        slots = b.op("Concat", outs, f"{tag}/y_slots", axis=0)
+        b.nodes.append(helper.make_node("Gather", [slots, unpad_2d], [y3.output[0]], name=f"{tag}/unpad", axis=0))
+
+    # --- head: hidden states at logits_index ----------------------------------------------------------
+    final_norm = next((n for n in nodes if n.op_type == "RMSNormalization" and len(n.input) > 1
+                       and n.input[1] == "model.norm.weight"), None)
+    if final_norm is None:
+        raise RaggedGraphError(f"{src}: no final RMSNormalization (model.norm.weight)")
+    kept = produced_by(final_norm.input[0], "Slice", "the head's num_logits_to_keep slice")
+    removed.add(id(kept))
+    b.nodes.append(helper.make_node("Gather", [kept.input[0], LOGITS_INDEX], [kept.output[0]],
+                                    name="ragged/logits_gather", axis=1))
+
+    # --- assemble: the new nodes where the graph needs them, dead nodes pruned, I/O as the contract -----
+    kept_nodes = [n for n in nodes if id(n) not in removed]
+    inputs, outputs = ragged_graph_io(arch)
+    outputs_needed = {o.name for o in outputs}
+    all_nodes = _toposort(kept_nodes + b.nodes, {i.name for i in inputs} | {t.name for t in graph.initializer}
+                          | set(b.inits))
+    live = _prune(all_nodes, outputs_needed)
+    del graph.node[:]
+    graph.node.extend(live)
+    used = {x for n in live for x in n.input}
+    old_inits = [t for t in graph.initializer if t.name in used and t.name != NUM_LOGITS_TO_KEEP]
+    del graph.initializer[:]
+    graph.initializer.extend(old_inits)
+    graph.initializer.extend(t for name, t in b.inits.items() if name in used)
+    elem = {"int64": TensorProto.INT64, "float32": TensorProto.FLOAT}
+
+    def value_info(spec):
+        return helper.make_tensor_value_info(spec.name, elem[spec.dtype], list(spec.shape))
+
+    del graph.input[:]
+    graph.input.extend(value_info(s) for s in inputs)
+    del graph.output[:]
+    graph.output.extend(value_info(s) for s in outputs)
+    del graph.value_info[:]
+    graph.name = graph.name.removesuffix("_cpu") + "_ragged"
+    defined = {x for n in live for x in n.output} | {t.name for t in graph.initializer} | {s.name for s in inputs}
+    missing = {x for n in live for x in n.input if x} - defined
+    if missing:
+        raise RaggedGraphError(f"{src}: internal error: the rewrite reads undefined tensors {sorted(missing)[:5]}")
+    out_path = src.parent / out_name
+    onnx.save_model(model, str(out_path))
+    return out_path
+
+
+def _toposort(nodes, available: set) -> list:
+    """Nodes in an order where each one's inputs exist before it (the rewrite appends its nodes at the end)."""
+    producers = {o: n for n in nodes for o in n.output}
+    done, order, avail = set(), [], set(available) | {""}
+
+    def visit(n):
+        stack = [(n, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if id(node) in done:
+                continue
+            if expanded:
+                done.add(id(node))
+                order.append(node)
+                avail.update(node.output)
+                continue
+            stack.append((node, True))
+            for x in node.input:
+                if x not in avail and x in producers and id(producers[x]) not in done:
+                    stack.append((producers[x], False))
+
+    for n in nodes:
+        visit(n)
+    return order
+
+
+def _prune(nodes, outputs: set) -> list:
+    """The nodes some graph output depends on, in their order."""
+    producers = {o: n for n in nodes for o in n.output}
+    live, stack = set(), [producers[o] for o in outputs if o in producers]
+    while stack:
+        n = stack.pop()
+        if id(n) in live:
+            continue
+        live.add(id(n))
+        stack.extend(producers[x] for x in n.input if x in producers)
+    return [n for n in nodes if id(n) in live]
+
+
+def ragged_graph_record(cpu_record: GraphRecord, path: Path, arch, validation: dict | None = None) -> GraphRecord:
+    """The manifest entry of decoder_ragged: decoder_cpu's record with its own file, I/O and step layout."""
+    inputs, outputs = ragged_graph_io(arch)
+    return dataclasses.replace(
+        cpu_record,
+        name=DECODER_RAGGED,
+        file=Path(path).name,
+        derived_from=cpu_record.name,
+        engines=("onnxruntime",),
+        extra=MappingProxyType({**cpu_record.extra, "for": "ONNX Runtime CPU: every chunk of a scheduler step in "
+                                "one call (docs/ragged-step.md)"}),
+        inputs=tensor_records(inputs),
+        outputs=tensor_records(outputs),
+        kv_cache=MappingProxyType({**CPU_CACHE_LAYOUT, "step": "ragged", "groups": RAGGED_GROUPS,
+                                   "write_position": "group{g}.position_ids[:, 0]",
+                                   "group_state_names": "state names as listed for group 0; "
+                                                        "group{g}.<name> for group g >= 1"}),
+        state=state_records(arch, "float32", head_dim_major=True),
+        validation=MappingProxyType(dict(validation)) if validation is not None else None,
+    )
+
+
+# --- feeding the graph (tests and the export check; engines build the same arrays in engines/slots.py) -----
+
+def ragged_feeds(groups, logits: str = "all") -> dict:
+    """The index inputs (and input_ids/position_ids) of one ragged call.
+
+    groups: per group, its rows in order, each (start, tokens): `start` tokens cached before the step,
+    `tokens` this step's chunk (empty: an idle row). logits: "all" (every token, in order) or "last"
+    (each non-empty row's last token).
+    """
+    ids, pos, last = [], [], []
+    feeds = {}
+    slot_of = []
+    offset = 0
+    for g, rows in enumerate(groups):
+        width = max([len(t) for _, t in rows] + [1])
+        token_index = np.zeros((len(rows), width), np.int64)
+        gpos = np.zeros((len(rows), width), np.int64)
+        lengths = np.zeros(len(rows), np.int64)
+        for r, (start, tokens) in enumerate(rows):
+            first = len(ids)
+            for j, t in enumerate(tokens):
+                slot_of.append(offset + r * width + j)
+                ids.append(int(t))
+                pos.append(start + j)
+            if tokens:
+                last.append(len(ids) - 1)
+                token_index[r] = [first + min(j, len(tokens) - 1) for j in range(width)]
+            lengths[r] = len(tokens)
+            gpos[r] = start + np.arange(width)
+        offset += len(rows) * width
+        feeds[ragged_group_input(g, "token_index")] = token_index
+        feeds[ragged_group_input(g, "position_ids")] = gpos
+        feeds[ragged_group_input(g, "lengths")] = lengths
+    feeds[INPUT_IDS] = np.array([ids], np.int64)
+    feeds[POSITION_IDS] = np.array([pos], np.int64)
+    feeds[UNPAD_INDEX] = np.array(slot_of, np.int64)
+    feeds[LOGITS_INDEX] = np.arange(len(ids), dtype=np.int64) if logits == "all" else np.array(last, np.int64)
+    return feeds
+
+
+@contextmanager
+def float_compute_copy(path: Path):
+    """The graph at path, or a temporary copy next to it with every MatMulNBits at accuracy_level 0."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    levels = [at for n in model.graph.node if n.op_type == "MatMulNBits" for at in n.attribute
+              if at.name == "accuracy_level" and at.i != 0]
+    if not levels:
+        yield path, False
+        return
+    for at in levels:
+        at.i = 0
+    run_path = path.parent / f".check-{path.name}"
+    onnx.save_model(model, str(run_path))
+    try:
+        yield run_path, True
+    finally:
+        run_path.unlink(missing_ok=True)
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+# The export check's step: rows of group 0 decode (1 token) around an idle row; group 1 a prefill chunk
+# from position 0 and a 3-token (speculative-verification sized) chunk after a cached prefix.
+CHECK_PREFIXES = ((6, 1), (4, 0), (9, 1), (0, 7), (5, 3))  # (cached tokens, chunk tokens) per row
+CHECK_GROUPS = ((0, 3), (3, 5))  # row ranges of group 0 and group 1
+
+
+def run_chunks_cpu(session, arch, state: dict, rows_chunks, all_logits=True):
+    """Run chunks one by one through a decoder_cpu session (batch 1 each), updating `state`
+    ({input name: [rows, ...] array}) in place; returns each chunk's logits [len, vocab] (None: idle)."""
+    records = state_records(arch, "float32", head_dim_major=True)
+    out_names = [o.name for o in session.get_outputs()]
+    result = []
+    for r, (start, tokens) in enumerate(rows_chunks):
+        if not tokens:
+            result.append(None)
+            continue
+        feeds = {INPUT_IDS: np.array([tokens], np.int64),
+                 POSITION_IDS: np.arange(start, start + len(tokens), dtype=np.int64)[None],
+                 NUM_LOGITS_TO_KEEP: np.array(0 if all_logits else 1, np.int64),
+                 **{st.input: state[st.input][r:r + 1] for st in records}}
+        out = dict(zip(out_names, session.run(None, feeds)))
+        for st in records:
+            state[st.input][r:r + 1] = out[st.output]
+        result.append(np.asarray(out[LOGITS][0], np.float32))
+    return result
+
+
+def run_ragged(session, arch, state: dict, groups_ranges, rows_chunks):
+    """One ragged call over rows_chunks with group g bound to rows groups_ranges[g] of `state`
+    (updated in place); returns the logits of every token, split per row (None: idle)."""
+    records = state_records(arch, "float32", head_dim_major=True)
+    groups = [[rows_chunks[r] for r in range(lo, hi)] for lo, hi in groups_ranges]
+    feeds = ragged_feeds(groups)
+    for g, (lo, hi) in enumerate(groups_ranges):
+        for st in records:
+            feeds[ragged_state_name(st.input, g)] = np.ascontiguousarray(state[st.input][lo:hi])
+    out_names = [o.name for o in session.get_outputs()]
+    out = dict(zip(out_names, session.run(None, feeds)))
+    for g, (lo, hi) in enumerate(groups_ranges):
+        for st in records:
+            state[st.input][lo:hi] = out[ragged_state_name(st.output, g)]
+    logits = np.asarray(out[LOGITS][0], np.float32)
+    result, t = [], 0
+    for lo, hi in groups_ranges:
+        for r in range(lo, hi):
+            n = len(rows_chunks[r][1])
+            result.append(logits[t:t + n] if n else None)
+            t += n
+    return result
+
+
+def check_against_cpu(cpu: Path, ragged: Path, arch, seed: int = 0) -> dict:
+    """One ragged call (decodes, an idle row, a prefill chunk, a 3-token chunk, both groups) against the same
+    chunks run one by one through decoder_cpu, from the same cached prefixes; the manifest record.
+
+    MatMulNBits graphs run at accuracy_level 0 (float compute) for the check, as
+    cpu_graph.check_against_portable does, so that the two differ only in float rounding.
+    """
+    rng = np.random.default_rng(seed)
+    rows = len(CHECK_PREFIXES)
+    capacity = max(p + n for p, n in CHECK_PREFIXES) + 8
+    records = state_records(arch, "float32", head_dim_major=True)
+    with float_compute_copy(cpu) as (cpu_run, float_compute), float_compute_copy(ragged) as (ragged_run, _):
+        cpu_session = _session(cpu_run)
+        state = {st.input: np.zeros((rows, *st.row_shape(capacity)), np.float32) for st in records}
+        prefixes = [(0, rng.integers(0, arch.vocab_size, p).tolist()) for p, _ in CHECK_PREFIXES]
+        run_chunks_cpu(cpu_session, arch, state, prefixes, all_logits=False)
+        chunks = [(p, rng.integers(0, arch.vocab_size, n).tolist()) for p, n in CHECK_PREFIXES]
+        ref_state = {k: v.copy() for k, v in state.items()}
+        reference = run_chunks_cpu(cpu_session, arch, ref_state, chunks)
+        del cpu_session
+        ragged_session = _session(ragged_run)
+        got = run_ragged(ragged_session, arch, state, CHECK_GROUPS, chunks)
+        del ragged_session
+    diffs = [float(np.abs(a - b).max()) for a, b in zip(reference, got) if a is not None]
+    agree = float(np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(reference, got)
+                                          if a is not None])))
+    state_diff = 0.0
+    for st in records:
+        for r, (p, n) in enumerate(CHECK_PREFIXES):
+            a, b = ref_state[st.input][r], state[st.input][r]
+            if st.kind == "kv":
+                a, b = a[..., :p + n], b[..., :p + n]
+            # relative to the tensor's scale: random-weight Mamba states reach ~1e3 (float32 ulp ~1e-4 there)
+            state_diff = max(state_diff, float(np.abs(a - b).max()) / max(1.0, float(np.abs(a).max())))
+    max_diff = max(diffs)
+    record = {
+        "reference": f"{DECODER_CPU} (the graph it was derived from), the same chunks one by one, random tokens",
+        "rows": [{"cached": p, "chunk": n} for p, n in CHECK_PREFIXES],
+        "groups": [list(r) for r in CHECK_GROUPS],
+        "max_abs_logit_diff": max_diff,
+        "max_state_diff_relative": state_diff,
+        "argmax_agreement": agree,
+        "tolerance": {"max_abs_diff": PARITY_MAX_ABS_DIFF},
+        "passed": bool(max_diff <= PARITY_MAX_ABS_DIFF and state_diff <= PARITY_MAX_ABS_DIFF),
+    }
+    if float_compute:
+        record["note"] = "both graphs ran with MatMulNBits accuracy_level 0 (float compute) for this check"
+    return record

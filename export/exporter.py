@@ -12,8 +12,9 @@ from pathlib import Path
 from .. import __version__, progress
 from ..errors import GraniteDeployError, VerificationFailed
 from ..artifact import ArtifactError, file_records, load_manifest, staging_dir, write_manifest
-from ..manifest import DECODER, DECODER_CPU, make_graph, make_manifest, tensor_records
+from ..manifest import DECODER, DECODER_CPU, DECODER_RAGGED, make_graph, make_manifest, tensor_records
 from .cpu_graph import cpu_graph_record, derive_cpu_graph
+from .ragged_graph import derive_checked, ragged_graph_record
 from .checkpoint import CheckpointError, arch_from_config, check_weights, read_config, resolve_model
 from .graph import MAX_OPSET, MIN_OPSET, build_decoder_graph
 from .io_spec import CACHE_LAYOUT, graph_io, state_records
@@ -176,6 +177,8 @@ def export(
             with progress.step("deriving the ONNX Runtime CPU flavour (head-dim-major KV cache)"):
                 cpu_path = derive_cpu_graph(onnx_path, arch.num_heads)
                 onnx.checker.check_model(str(cpu_path), full_check=False)
+            with progress.step("deriving the ragged-step flavour and checking it against the CPU flavour"):
+                ragged_path, ragged_check = derive_checked(cpu_path, arch)
 
         copied = []
         for name in COPIED_FILES:
@@ -245,6 +248,7 @@ def export(
         graphs = {DECODER: decoder}
         if cpu_path is not None:
             graphs[DECODER_CPU] = cpu_graph_record(decoder, cpu_path, arch, cpu_validation)
+            graphs[DECODER_RAGGED] = ragged_graph_record(graphs[DECODER_CPU], ragged_path, arch, ragged_check)
         manifest = make_manifest(
             created_unix=int(started),
             source={

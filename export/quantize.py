@@ -53,8 +53,9 @@ from .. import __version__, progress
 from ..errors import GraniteDeployError, VerificationFailed
 from ..artifact import (MANIFEST, ArtifactError, BadArtifactPath, file_records, load_manifest, staging_dir, verify,
                         write_manifest)
-from ..manifest import DECODER, DECODER_CPU, KV_LAYOUT_IN_PLACE, Manifest
+from ..manifest import DECODER, DECODER_CPU, DECODER_RAGGED, KV_LAYOUT_IN_PLACE, Manifest
 from .cpu_graph import check_against_portable, cpu_graph_record, derive_cpu_graph
+from .ragged_graph import derive_checked, ragged_graph_record
 
 METHODS = {
     # method: (bits, precision written to the manifest)
@@ -434,6 +435,8 @@ def quantize(
         if not cpu_check["passed"]:
             raise QuantizeError(f"internal error: {cpu_path.name} differs from {onnx_path.name} by "
                                 f"{cpu_check['max_abs_logit_diff']:.3g} in logits; nothing written")
+        with progress.step("deriving the ragged-step flavour and checking it against the CPU flavour"):
+            ragged_path, ragged_check = derive_checked(cpu_path, arch)
 
         source_record = {
             "path": str(source.resolve()),
@@ -460,6 +463,7 @@ def quantize(
             }),
         )
         graphs = {DECODER: graph, DECODER_CPU: cpu_graph_record(graph, cpu_path, arch, cpu_check)}
+        graphs[DECODER_RAGGED] = ragged_graph_record(graphs[DECODER_CPU], ragged_path, arch, ragged_check)
         import onnxruntime
 
         quantization = {

@@ -46,7 +46,8 @@ from types import MappingProxyType
 
 import numpy as np
 
-from ..manifest import DECODER, DECODER_CPU, DECODER_RAGGED, RAGGED_GROUPS, GraphRecord, ragged_state_name, \
+from ..errors import GraniteDeployError
+from ..manifest import DECODER_CPU, DECODER_RAGGED, RAGGED_GROUPS, GraphRecord, ragged_state_name, \
     tensor_records
 from .io_spec import (CPU_CACHE_LAYOUT, INPUT_IDS, LOGITS, LOGITS_INDEX, NUM_LOGITS_TO_KEEP, POSITION_IDS,
                       UNPAD_INDEX, ragged_graph_io, ragged_group_input, state_names, state_records)
@@ -56,7 +57,7 @@ RAGGED_GRAPH_FILE = "model.ragged.onnx"
 PARITY_MAX_ABS_DIFF = 1e-3
 
 
-class RaggedGraphError(ValueError):
+class RaggedGraphError(GraniteDeployError, ValueError):
     pass
 
 
@@ -577,3 +578,23 @@ def check_against_cpu(cpu: Path, ragged: Path, arch, seed: int = 0) -> dict:
     if float_compute:
         record["note"] = "both graphs ran with MatMulNBits accuracy_level 0 (float compute) for this check"
     return record
+
+
+def derive_checked(cpu_path: Path, arch) -> tuple[Path, dict]:
+    """Derive decoder_ragged next to decoder_cpu and check it against it; (path, validation record).
+    Raises RaggedGraphError (nothing kept) when the check fails."""
+    import onnx
+
+    path = derive_ragged_graph(cpu_path, arch)
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+        record = check_against_cpu(cpu_path, path, arch)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    if not record["passed"]:
+        path.unlink(missing_ok=True)
+        raise RaggedGraphError(f"internal error: {path.name} differs from {Path(cpu_path).name} by "
+                               f"{record['max_abs_logit_diff']:.3g} in logits (state "
+                               f"{record['max_state_diff_relative']:.3g} relative) on the same chunks")
+    return path, record

@@ -390,6 +390,7 @@ class TokenSampler:
         *,
         suppress_token_ids: Iterable[int] | None = None,
         allowed: np.ndarray | None = None,
+        draft: int | None = None,
     ) -> SampledToken:
         """Pick the next token from one sequence's ``[vocab]`` logits.
 
@@ -400,6 +401,15 @@ class TokenSampler:
         set to -inf next, unless that would leave no allowed token (the
         constraint wins: a finished grammar may allow only EOS). The "raw"
         distribution reported for greedy is the one after these masks.
+
+        ``draft`` (speculative decoding, serve/speculative.py): a deterministic
+        draft token proposed for this position. Greedy ignores it (the caller
+        compares it with the argmax). Sampling verifies it against the final
+        processed distribution p (after top_k / top_p / typical_p):
+        :func:`~.speculative.accept_draft` keeps it with probability p(draft),
+        else draws from p with the draft removed, so the token returned is
+        distributed exactly as without a draft; it equals ``draft`` iff it was
+        accepted. That path consumes one uniform draw, plus one on rejection.
         """
         p = self.params
         x = np.asarray(logits)
@@ -455,7 +465,7 @@ class TokenSampler:
                     z /= t32
                 else:  # below float32's smallest subnormal: the limit is greedy
                     np.copyto(z, np.where(z < 0, np.float32(-np.inf), np.float32(0)))
-            token = self._draw(z, work)
+            token = self._draw(z, work, draft)
             dist = z
 
         if not (p.logprobs or p.top_n_tokens):
@@ -473,9 +483,10 @@ class TokenSampler:
             top = [(int(i), float(dist[i]) - lse) for i in cand]
         return SampledToken(token, logprob, rank, top)
 
-    def _draw(self, z: np.ndarray, work: np.ndarray) -> int:
-        """Apply top_k -> top_p -> typical_p to processed logits ``z`` and draw.
-        ``work`` is a full-vocab scratch buffer (``z`` itself is left intact)."""
+    def _draw(self, z: np.ndarray, work: np.ndarray, draft: int | None = None) -> int:
+        """Apply top_k -> top_p -> typical_p to processed logits ``z`` and draw (or verify
+        ``draft``, see :meth:`sample`). ``work`` is a full-vocab scratch buffer (``z`` itself is
+        left intact)."""
         p = self.params
         idx: np.ndarray | None = None
         vals = z
@@ -490,6 +501,17 @@ class TokenSampler:
             keep = _typical_keep(vals, p.typical_p)
             idx = keep if idx is None else idx[keep]
             vals = vals[keep]
+        if draft is not None:
+            from .speculative import accept_draft
+
+            w, _, _ = _softmax_parts(vals, work[: vals.size])
+            if idx is None:
+                j = int(draft) if 0 <= draft < vals.size else -1
+            else:
+                j = int(np.searchsorted(idx, draft))  # kept positions are ascending
+                j = j if j < idx.size and idx[j] == draft else -1
+            i = accept_draft(w, j, self._rng)
+            return int(i if idx is None else idx[i])
         u = self._rng.random()  # exactly one draw per step, whatever the path
         w, _, _ = _softmax_parts(vals, work[: vals.size])
         i = _pick(w, u)

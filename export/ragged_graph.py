@@ -30,16 +30,16 @@ The head gathers the hidden states at `logits_index` before the final norm;
 names, group 1's are `group1.past_key_values.{i}.*` / `group1.present.{i}.*`
 (granite_deploy.manifest.ragged_state_name).
 
-Empty groups: rows_g = 0 (state inputs [0, ...], token_index [0, width])
-runs in ONNX Runtime 1.32's CPU provider and leaves the other group's results
-unchanged (tests/export/test_ragged_graph.py checks it); engines may bind an
-unused group as zero rows.
+Empty groups: rows_g = 0 (state inputs [0, ...], token_index [0, width_g],
+lengths [0]) runs in ONNX Runtime 1.32's CPU provider and leaves the other
+group's results unchanged (tests/export/test_ragged_graph.py checks it), so
+engines bind an unused group as zero rows. width_g must stay >= 1 even then:
+a [0, 0] token_index fails (the write-index Gather reads column 0).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
@@ -47,10 +47,27 @@ from types import MappingProxyType
 import numpy as np
 
 from ..errors import GraniteDeployError
-from ..manifest import DECODER_CPU, DECODER_RAGGED, RAGGED_GROUPS, GraphRecord, ragged_state_name, \
-    tensor_records
-from .io_spec import (CPU_CACHE_LAYOUT, INPUT_IDS, LOGITS, LOGITS_INDEX, NUM_LOGITS_TO_KEEP, POSITION_IDS,
-                      UNPAD_INDEX, ragged_graph_io, ragged_group_input, state_names, state_records)
+from ..manifest import (
+    DECODER_CPU,
+    DECODER_RAGGED,
+    RAGGED_GROUPS,
+    GraphRecord,
+    ragged_state_name,
+    tensor_records,
+)
+from .io_spec import (
+    CPU_CACHE_LAYOUT,
+    INPUT_IDS,
+    LOGITS,
+    LOGITS_INDEX,
+    NUM_LOGITS_TO_KEEP,
+    POSITION_IDS,
+    UNPAD_INDEX,
+    ragged_graph_io,
+    ragged_group_input,
+    state_names,
+    state_records,
+)
 
 RAGGED_GRAPH_FILE = "model.ragged.onnx"
 # The check at export compares fp32 logits of one ragged call with the same chunks run one by one.
@@ -181,8 +198,8 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
 
     # --- attention layers ------------------------------------------------------------------------------
     for i in attention_layers:
-        past_k, present_k = state_names(i, "key")
-        past_v, present_v = state_names(i, "value")
+        present_k = state_names(i, "key")[1]
+        present_v = state_names(i, "value")[1]
         tag = f"ragged/l{i}"
         kv = {}
         for part, present in (("key", present_k), ("value", present_v)):
@@ -598,3 +615,29 @@ def derive_checked(cpu_path: Path, arch) -> tuple[Path, dict]:
                                f"{record['max_abs_logit_diff']:.3g} in logits (state "
                                f"{record['max_state_diff_relative']:.3g} relative) on the same chunks")
     return path, record
+
+
+def add_ragged_flavour(artifact: str | Path) -> Path:
+    """Derive decoder_ragged for an existing artifact that has decoder_cpu (re-deriving it if present), check
+    it, and rewrite the manifest with its record and file hash. Returns the graph's path."""
+    from ..artifact import file_records, load_manifest, write_manifest
+
+    artifact = Path(artifact)
+    manifest = load_manifest(artifact)
+    if DECODER_CPU not in manifest.graphs:
+        raise RaggedGraphError(f"{artifact}: no {DECODER_CPU} graph to derive {DECODER_RAGGED} from (fp16/bf16 "
+                               "artifacts have none; re-export fp32 or quantize it)")
+    cpu = manifest.graph(DECODER_CPU)
+    path, record = derive_checked(artifact / cpu.file, manifest.architecture)
+    graph = ragged_graph_record(cpu, path, manifest.architecture, record)
+    manifest = manifest.with_graph(graph).replace(files={**manifest.files, **file_records(artifact, [path.name])})
+    write_manifest(artifact, manifest)
+    return path
+
+
+if __name__ == "__main__":  # python -m granite_deploy.export.ragged_graph ARTIFACT...
+    import sys
+
+    for arg in sys.argv[1:]:
+        out = add_ragged_flavour(arg)
+        print(f"{out}: derived, checked against {DECODER_CPU}, manifest updated")

@@ -2,11 +2,33 @@
 
 One thread owns the engine. Each iteration it admits waiting requests into
 free cache slots, drops cancelled or timed-out ones (freeing their slots at
-once), builds one step (a decode token for every running sequence plus up to
-`prefill_chunk` prompt tokens of the sequences still prefilling, oldest
-first; `idle_prefill_chunk` when no sequence is decoding), runs it, and
-turns each sequence's logits into a token, text and maybe a stop. Requests join the batch at the next step and leave the moment
-they finish, so a long prompt stalls running streams for at most one chunk.
+once), builds one step, runs it, and turns each sequence's logits into tokens,
+text and maybe a stop. Requests join the batch at the next step and leave the
+moment they finish.
+
+A step is planned against a token budget (``token_budget``, tokens fed to the
+engine in one step; the server's default is device-dependent, see
+serve/server.py): first every decoding sequence's token (or its speculative
+verification chunk: the token plus its draft), then prompt chunks of the
+sequences still prefilling, oldest first, until the budget is spent. Decode
+tokens always run; drafts are cut (oldest sequences draft first) to what the
+budget leaves after a reserve for waiting prompts; prompts always get at least
+that reserve, ``max(1, token_budget // 4)`` tokens, so that many decoding
+sequences never starve a new prompt (a step may then exceed the budget by up to
+the reserve). With ragged engines the whole step is one graph call, so the
+budget bounds both how long running streams stall behind a new prompt and how
+many weight passes a long prompt costs.
+
+Prompt-lookup speculative decoding (``speculative``, serve/speculative.py; off
+by default): a decoding sequence whose last n tokens occurred earlier in its
+prompt or output sends ``[last token, *draft]`` with ``all_logits``; the tokens
+the target agrees with (greedy: argmax; sampling: the distribution-preserving
+rule) are emitted one by one through the usual path (stop tokens and sequences,
+max_new_tokens, logprobs, detokenisation, streaming behave exactly as if they
+came one per step, and a stop inside the draft ends the request there), and the
+engine forgets the rejected tail (``Engine.truncate``). Not speculated:
+constrained requests, and engines with recurrent (Mamba) state (refused at
+construction: their state cannot be rolled back).
 
 Everything the caller sees is an `Event` (plain data) handed to the request's
 sink from the scheduler thread; the gRPC layer forwards events to asyncio.
@@ -31,6 +53,7 @@ from ..engines.prefix_cache import PrefixCache
 from .constraints import ConstraintSpec, ConstraintState, MaskFiller, compile_constraint, warm_up
 from .detokenizer import IncrementalDetokenizer
 from .sampling import SampledToken, SamplingParams, TokenSampler
+from .speculative import SpeculativeConfig, draft_length, propose
 from .stopping import StoppingCriteria, StoppingParams, StopReason, StopSequenceMatcher
 from .tgis import apply_length_penalty, check_tgis_fields, prompt_token_infos
 from .validation import validate_request
@@ -58,6 +81,10 @@ class Request:
     adapter: str = ""  # tgis: the adapter artifact that serves it ("" = the base model); routing is the session's
     prompt_logprobs: bool = False  # tgis: score every prompt token (Event.prompt_tokens on the first token event)
     length_penalty: tuple[int, float] | None = None  # tgis: (start_index, decay_factor), see serve/tgis.py
+    # speculative decoding: most draft tokens per step for this request (None: the server's
+    # --speculative-tokens; 0: off; larger values are capped at the server's). > 0 on a scheduler
+    # without speculation is refused (InvalidField "speculative_tokens")
+    speculative_tokens: int | None = None
 
 
 @dataclass
@@ -126,6 +153,9 @@ class Ticket:
         self._scheduler._wake()
 
 
+DEFAULT_TOKEN_BUDGET = 256
+
+
 class Scheduler:
     # Request.constraint is applied (serve/constraints.py, _compile/_advance); front ends that map
     # guided-decoding fields probe this instead of silently dropping them (tgis)
@@ -137,19 +167,52 @@ class Scheduler:
         tokenizer,
         max_queue: int = 64,
         max_running: int | None = None,
-        prefill_chunk: int = 256,
-        idle_prefill_chunk: int = 256,
+        token_budget: int | None = None,
         on_step: Callable[[dict], None] | None = None,
         on_fatal: Callable[[str], None] | None = None,
         max_consecutive_failures: int = 5,
         prefix_cache: PrefixCache | None = None,
+        speculative: SpeculativeConfig | None = None,
+        *,
+        prefill_chunk: int | None = None,
+        idle_prefill_chunk: int | None = None,
     ):
+        """``token_budget``: tokens per step (decodes, drafts, prompt chunks; see the module
+        docstring); None: ``prefill_chunk`` if given, else DEFAULT_TOKEN_BUDGET (256).
+        ``prefill_chunk`` is the old name of ``token_budget`` (kept as an alias: before the budget
+        it counted prompt tokens only). ``idle_prefill_chunk`` (deprecated): when given, the budget
+        of steps in which no sequence decodes is max(token_budget, idle_prefill_chunk).
+        ``speculative``: prompt-lookup speculative decoding (None: off); refused (ValueError) on an
+        engine with recurrent state or without Chunk.all_logits."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.max_running = min(max_running or engine.info.max_batch, engine.info.max_batch)
-        self.prefill_chunk = prefill_chunk
-        self.idle_prefill_chunk = idle_prefill_chunk
+        budget = token_budget if token_budget is not None else prefill_chunk
+        self.token_budget = int(budget) if budget is not None else DEFAULT_TOKEN_BUDGET
+        if self.token_budget < 1:
+            raise ValueError(f"token_budget: must be >= 1, got {self.token_budget}")
+        self.idle_token_budget = max(self.token_budget, int(idle_prefill_chunk or 0))
+        # prompts get at least this much of every step, however many sequences decode or draft
+        self.prefill_reserve = max(1, self.token_budget // 4)
+        self.speculative = speculative.validate() if speculative is not None else None
+        if self.speculative is not None:
+            if getattr(engine, "recurrent", False):
+                raise ValueError("--speculative: this model has recurrent (Mamba) state, which cannot be rolled "
+                                 "back to an earlier position; speculative decoding needs an attention-only model")
+            if not getattr(engine, "supports_all_logits", False):
+                raise ValueError(f"--speculative: the {engine.info.kind} engine cannot return the logits of every "
+                                 "position of a chunk (Chunk.all_logits), which verification needs")
+            sp = self.speculative
+            log.info("speculative decoding: prompt lookup (n-gram %d..%d), up to %d draft tokens per step; "
+                     "constrained requests are not speculated", sp.ngram_max, sp.ngram_min, sp.num_tokens,
+                     extra={"fields": {"event": "speculative_decoding", "method": sp.method,
+                                       "num_tokens": sp.num_tokens, "ngram_max": sp.ngram_max,
+                                       "ngram_min": sp.ngram_min}})
+        # speculation counters (read by serve/metrics.py at scrape time; scheduler thread writes)
+        self.draft_steps = 0  # verification chunks run
+        self.draft_tokens_proposed = 0
+        self.draft_tokens_accepted = 0
         self.context_window = engine.info.max_seq_len
         self.on_step = on_step  # metrics hook: called with counts after every step
         # fault containment: a failed step fails its requests only; after this many failed steps in a
@@ -192,6 +255,7 @@ class Scheduler:
             request = dataclasses.replace(request, stopping=stopping)  # keeps every other field
         vocab = self.engine.info.vocab_size
         validate_request(request, self.context_window, vocab, params_checked=params_checked)
+        self._check_speculative(request.speculative_tokens)
         check_tgis_fields(request.length_penalty, request.prompt_logprobs, self.engine)
         constraint = self._compile(request)  # structured: a bad constraint is refused before any token
         now = time.monotonic()
@@ -219,6 +283,15 @@ class Scheduler:
             self._waiting.append(seq)
             self._lock.notify()
         return Ticket(self, seq)
+
+    def _check_speculative(self, k) -> None:
+        if k is None:
+            return
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise errors.InvalidField("speculative_tokens", f"must be an integer >= 0, got {k!r}")
+        if k > 0 and self.speculative is None:
+            raise errors.InvalidField("speculative_tokens", "speculative decoding is off on this server (it is "
+                                      "started with --speculative ngram); give 0 or leave the field out")
 
     def counts(self) -> dict:
         with self._lock:
@@ -338,29 +411,61 @@ class Scheduler:
         stop = self.prefix_cache.next_snapshot(seq.seq_id, seq.cached) if self.prefix_cache is not None else None
         return budget if stop is None else max(1, min(budget, stop - seq.cached))
 
-    def _step(self) -> None:
+    def _draft_tokens(self, seq: _Sequence) -> int:
+        """How many draft tokens seq may verify this step (0: no speculation for it)."""
+        sp = self.speculative
+        if sp is None or seq.constraint is not None or seq.prefilling or not seq.output:
+            return 0
+        asked = seq.request.speculative_tokens
+        k = sp.num_tokens if asked is None else min(int(asked), sp.num_tokens)
+        return draft_length(k, seq.criteria.max_generated - len(seq.output))
+
+    def _plan(self) -> tuple[list[Chunk], list[_Sequence], dict]:
+        """The step: decodes (with their drafts) first, then prompt chunks oldest first, within the budget."""
+        decoding = [seq for seq in self._running if not seq.prefilling]
+        waiting_prompt = sum(len(seq.request.prompt_ids) - seq.cached for seq in self._running if seq.prefilling)
+        budget = self.token_budget if decoding else self.idle_token_budget
+        used = len(decoding)
+        drafts: dict[_Sequence, list[int]] = {}
+        if self.speculative is not None:
+            sp = self.speculative
+            room = budget - used - min(self.prefill_reserve, waiting_prompt)
+            for seq in decoding:  # oldest first
+                if room <= 0:
+                    break
+                k = min(self._draft_tokens(seq), room)
+                if k <= 0:
+                    continue
+                draft = propose(seq.request.prompt_ids + tuple(seq.output), k, sp.ngram_max, sp.ngram_min)
+                if draft:
+                    drafts[seq] = draft
+                    room -= len(draft)
+                    used += len(draft)
+        prefill = max(budget - used, self.prefill_reserve) if waiting_prompt else 0
         chunks, seqs = [], []
+        for seq in self._running:
+            if seq.prefilling:
+                if prefill <= 0:
+                    continue
+                tokens = seq.pending(self._prefill_limit(seq, prefill))
+                prefill -= len(tokens)
+                chunk = Chunk(seq.seq_id, tokens, seq.cached, all_logits=seq.request.prompt_logprobs)
+            else:
+                draft = drafts.get(seq)
+                chunk = Chunk(seq.seq_id, (seq.output[-1], *draft) if draft else (seq.output[-1],), seq.cached,
+                              all_logits=bool(draft))
+            chunks.append(chunk)
+            seqs.append(seq)
+        return chunks, seqs, drafts
+
+    def _step(self) -> None:
         for seq, row in self._cached_logits:  # prefix-cache hits of whole prompts: no prefill at all
             if not seq.done:
                 self._advance_contained(seq, row)
         self._cached_logits.clear()
         if not self._running:
             return
-        # The chunk limit exists so that running streams are not stalled by a new prompt;
-        # with nobody decoding there is nobody to stall, so prompts then go in big pieces.
-        decoding = any(not seq.prefilling for seq in self._running)
-        budget = self.prefill_chunk if decoding else max(self.prefill_chunk, self.idle_prefill_chunk)
-        for seq in self._running:
-            if seq.prefilling:
-                if budget <= 0:
-                    continue
-                tokens = seq.pending(self._prefill_limit(seq, budget))
-                budget -= len(tokens)
-            else:
-                tokens = seq.pending(1)
-            chunks.append(Chunk(seq.seq_id, tokens, seq.cached,
-                                all_logits=seq.request.prompt_logprobs and seq.prefilling))
-            seqs.append(seq)
+        chunks, seqs, drafts = self._plan()
         pending = self._start_masks(seqs, chunks)  # structured: masks fill while the engine runs
         try:
             logits = self.engine.step(chunks)
@@ -372,13 +477,20 @@ class Scheduler:
         masks = self._masks(pending)
         failed = sampled = 0
         for seq, chunk, row in zip(seqs, chunks, logits):
+            prompt_len = len(seq.request.prompt_ids)
+            if chunk.start >= prompt_len:  # a decode, maybe with a draft to verify
+                sampled += 1
+                draft = drafts.get(seq)
+                ok = (self._verify(seq, chunk, draft) if draft
+                      else self._decode(seq, chunk, row, masks.get(seq)))
+                failed += not ok
+                continue
             seq.cached += len(chunk.token_ids)
-            if self.prefix_cache is not None and chunk.start < len(seq.request.prompt_ids):
-                self.prefix_cache.after_prefill(seq.seq_id, seq.request.prompt_ids, seq.cached,
-                                                len(seq.request.prompt_ids), row)
+            if self.prefix_cache is not None:
+                self.prefix_cache.after_prefill(seq.seq_id, seq.request.prompt_ids, seq.cached, prompt_len, row)
             if chunk.all_logits and not self._score_prompt(seq, chunk):
                 continue
-            if not seq.prefilling:
+            if not seq.prefilling:  # the prompt's last chunk: its first token
                 sampled += 1
                 if not self._advance_contained(seq, row, masks.get(seq)):
                     failed += 1
@@ -388,8 +500,40 @@ class Scheduler:
         elif sampled:
             self._failures = 0
 
+    def _decode(self, seq: _Sequence, chunk: Chunk, row, allowed) -> bool:
+        seq.cached += len(chunk.token_ids)
+        return self._advance_contained(seq, row, allowed)
+
+    def _verify(self, seq: _Sequence, chunk: Chunk, draft: list[int]) -> bool:
+        """Emit the verified tokens of a speculative chunk [last, *draft], one by one, and drop the
+        rejected tail from the engine's cache. False: the sequence failed."""
+        rows = getattr(self.engine, "chunk_logits", {}).get(seq.seq_id)
+        if rows is None or len(rows) != len(chunk.token_ids):
+            self._fail([seq], f"speculative verification: the engine returned "
+                              f"{'no' if rows is None else len(rows)} logit rows for {len(chunk.token_ids)} positions")
+            return False
+        base, accepted = chunk.start, 0
+        self.draft_steps += 1
+        self.draft_tokens_proposed += len(draft)
+        for i in range(len(draft) + 1):
+            seq.cached = base + 1 + i  # the cache holds the last token and the i drafts accepted so far
+            proposal = draft[i] if i < len(draft) else None
+            if not self._advance_contained(seq, rows[i], draft=proposal):
+                return False
+            if seq.done or proposal is None or seq.output[-1] != proposal:
+                break
+            accepted += 1
+        self.draft_tokens_accepted += accepted
+        if not seq.done and accepted < len(draft):
+            try:
+                self.engine.truncate(seq.seq_id, seq.cached)
+            except Exception as exc:  # noqa: BLE001 - a cache the rollback failed on is not usable for seq
+                self._fail([seq], f"speculative rollback failed: {_describe(exc)}")
+                return False
+        return True
+
     # --- fault containment (serve-core) ------------------------------------------------------------
-    def _advance_contained(self, seq: _Sequence, row, allowed=None) -> bool:
+    def _advance_contained(self, seq: _Sequence, row, allowed=None, draft: int | None = None) -> bool:
         """_advance, except that non-finite logits or any exception end this sequence only
         (ERROR, the cause in the message); False when the row failed."""
         step = len(seq.output)
@@ -401,7 +545,7 @@ class Scheduler:
                 if kind is not None:
                     self._fail([seq], f"logits contain {kind} at step {step}")
                     return False
-            self._advance(seq, row, allowed)
+            self._advance(seq, row, allowed, draft)
             return True
         except Exception as exc:  # noqa: BLE001 - a sampler / detokenizer / sink failure ends this request
             self._fail([seq], f"generation failed at step {step}: {_describe(exc)}")
@@ -466,7 +610,7 @@ class Scheduler:
         seq.prompt_infos = (seq.prompt_infos or []) + infos
         return True
 
-    def _advance(self, seq: _Sequence, logits, allowed=None) -> None:
+    def _advance(self, seq: _Sequence, logits, allowed=None, draft: int | None = None) -> None:
         n = len(seq.output)
         if seq.constraint is not None:
             allowed = self._allowed(seq, allowed)
@@ -480,6 +624,7 @@ class Scheduler:
             list(seq.request.prompt_ids) + seq.output if seq.request.sampling.repetition_penalty_active else None,
             suppress_token_ids=seq.criteria.suppressed_token_ids(n),
             allowed=allowed,
+            draft=draft,  # speculative: verified against this position's distribution (serve/speculative.py)
         )
         now = time.monotonic()
         if not seq.output:

@@ -232,6 +232,37 @@ def _check_graph_files(artifact, engine: str) -> None:
                              "(copy the whole artifact folder, or re-export)")
 
 
+def _check_scheduler_args(args, config) -> None:
+    """--token-budget (and its deprecated alias --prefill-chunk) and the --speculative options."""
+    if args.prefill_chunk is not None:
+        if args.token_budget is not None:
+            raise UsageError("--prefill-chunk: deprecated alias of --token-budget; give only --token-budget")
+        if args.prefill_chunk < 1:
+            raise UsageError("--prefill-chunk: must be >= 1")
+        print("granite-deploy: --prefill-chunk is deprecated: it now sets --token-budget (tokens per step, "
+              "decodes included)", file=sys.stderr)
+        config.token_budget = args.prefill_chunk
+    if args.token_budget is not None and args.token_budget < 1:
+        raise UsageError("--token-budget: must be >= 1")
+    given = [name for name in ("speculative_tokens", "speculative_ngram", "speculative_ngram_min")
+             if getattr(args, name) is not None]
+    if not args.speculative:
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')}: needs --speculative ngram")
+        return
+    from .serve.server import speculative_config
+
+    try:
+        speculative_config(config)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    from .artifact import load_manifest
+
+    if any(record.recurrent for record in load_manifest(args.artifact).graphs.values()):
+        raise UsageError("--speculative: this model has recurrent (Mamba) state, which cannot be rolled back to an "
+                         "earlier position; speculative decoding is offered for dense (attention-only) models")
+
+
 def _auth_token(args) -> str | None:
     """--auth-token, else --auth-token-file, else $GRANITE_DEPLOY_AUTH_TOKEN (not visible in `ps`)."""
     import os
@@ -302,14 +333,18 @@ def _cmd_serve(args) -> int:
         engine=args.engine, threads=args.threads, metrics_port=args.metrics_port or None,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token=args.auth_token, model_id=args.model_id, max_new_tokens_limit=args.max_new_tokens_limit,
-        max_message_bytes=args.max_message_bytes, drain_grace_s=args.grace, prefill_chunk=args.prefill_chunk,
+        max_message_bytes=args.max_message_bytes, drain_grace_s=args.grace, token_budget=args.token_budget,
+        speculative=args.speculative,
+        **{name: value for name, value in (("speculative_tokens", args.speculative_tokens),
+                                           ("speculative_ngram", args.speculative_ngram),
+                                           ("speculative_ngram_min", args.speculative_ngram_min))
+           if value is not None},
         prefix_cache_mb=args.prefix_cache_mb,
         http_port=args.http_port, http_host=args.http_host,
         verify_hashes=not args.skip_verify, manifest_digest=args.manifest_digest,
         strict_model_id=args.strict_model_id, adapters=_adapter_options(args.adapter),
     )
-    if args.prefill_chunk is not None and args.prefill_chunk < 1:
-        raise UsageError("--prefill-chunk: must be >= 1")
+    _check_scheduler_args(args, config)
     if args.prefix_cache_mb is not None and args.prefix_cache_mb < 0:
         raise UsageError(f"--prefix-cache-mb: must be >= 0 (0 turns the prefix cache off), got {args.prefix_cache_mb}")
     _setup_server_logging()
@@ -584,9 +619,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--max-new-tokens-limit", type=int, default=None,
                    help="largest max_new_tokens accepted (default: min(1024, context - 1))")
-    p.add_argument("--prefill-chunk", type=int, default=None,
-                   help="prompt tokens prefilled per step; bounds how long streams stall behind a new prompt "
-                        "while other streams decode (default 8 on CPU, 256 on GPU; 256 when none decode)")
+    p.add_argument("--token-budget", type=int, default=None, metavar="N",
+                   help="tokens per scheduler step: every decoding stream's token (and speculative draft) first, "
+                        "then prompt chunks oldest first; prompts always get at least N/4. Bounds how long streams "
+                        "stall behind a new prompt (default, provisional: 32 on CPU, 512 on GPU)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="deprecated alias of --token-budget")
+    p.add_argument("--speculative", choices=["ngram"], default=None,
+                   help="speculative decoding: 'ngram' drafts by prompt lookup (the last n tokens matched in the "
+                        "prompt and output) and verifies the draft in the step; output distributed exactly as "
+                        "without (greedy: identical). Dense models only; constrained requests are not speculated "
+                        "(default: off)")
+    p.add_argument("--speculative-tokens", type=int, default=None, metavar="K",
+                   help="most draft tokens per stream per step (default 4); requests may ask for fewer "
+                        "(OpenAI extension field speculative_tokens)")
+    p.add_argument("--speculative-ngram", type=int, default=None, metavar="N",
+                   help="longest n-gram looked up (default 3; shorter ones down to --speculative-ngram-min)")
+    p.add_argument("--speculative-ngram-min", type=int, default=None, metavar="N",
+                   help="shortest n-gram looked up (default 1)")
     p.add_argument("--prefix-cache-mb", type=int, default=None, metavar="N",
                    help="automatic prefix caching: MiB of cached prompt/generation state to reuse across requests "
                         "(0: off; default: 20%% of the engine device's free memory at start, at most 8192)")

@@ -104,6 +104,14 @@ class Metrics:
         ``prefix_cache_bytes`` (held now) and ``prefix_cache_budget_bytes``."""
         self.registry.register(_PrefixCacheCollector(cache, self.engine, self._prefix))
 
+    def watch_speculation(self, scheduler) -> None:
+        """Export a scheduler's speculative-decoding counters (serve/speculative.py), read at scrape
+        time: ``speculative_draft_tokens_proposed_total`` (draft tokens sent for verification),
+        ``speculative_draft_tokens_accepted_total`` (of those, accepted: tokens generated beyond one
+        per step) and ``speculative_verification_steps_total`` (chunks that verified a draft).
+        Acceptance rate = accepted / proposed; tokens per verification = 1 + accepted / steps."""
+        self.registry.register(_SpeculationCollector(scheduler, self.engine, self._prefix))
+
     # --- reading (tests, debugging) ---------------------------------------------------------
     def value(self, name: str, **labels) -> float:
         """A sample's current value (0.0 when absent), e.g. value("cancellations_total")."""
@@ -150,4 +158,24 @@ class _PrefixCacheCollector:
                                  (f"{p}prefix_cache_budget_bytes", c.budget, "The prefix cache's byte budget.")):
             family = GaugeMetricFamily(name, doc, labels=["engine"])
             family.add_metric([self.engine], value)
+            yield family
+
+
+class _SpeculationCollector:
+    """Reads the scheduler's plain speculation counters when Prometheus scrapes."""
+
+    _COUNTERS = (("speculative_draft_tokens_proposed", "draft_tokens_proposed",
+                  "Prompt-lookup draft tokens sent to the engine for verification."),
+                 ("speculative_draft_tokens_accepted", "draft_tokens_accepted",
+                  "Draft tokens the target model accepted (generated without a step of their own)."),
+                 ("speculative_verification_steps", "draft_steps",
+                  "Decode chunks that verified a draft (one per sequence per step)."))
+
+    def __init__(self, scheduler, engine: str, prefix: str):
+        self.scheduler, self.engine, self.prefix = scheduler, engine, prefix
+
+    def collect(self):
+        for name, attr, doc in self._COUNTERS:
+            family = CounterMetricFamily(f"{self.prefix}{name}", doc, labels=["engine"])
+            family.add_metric([self.engine], getattr(self.scheduler, attr, 0))
             yield family

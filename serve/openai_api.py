@@ -293,6 +293,8 @@ def _build(session: ModelSession, r, ids: tuple[int, ...], names: dict, logprobs
         kw = {"constraint": constraint} if constraint is not None else {}
         if _adapter(session, r.model):
             kw["adapter"] = r.model
+        if r.speculative_tokens is not None:
+            kw["speculative_tokens"] = r.speculative_tokens
         req = Request(ids, _sampling(r, field_prefix + i, logprobs, top_n), stopping, **kw)
         try:
             validate_request(req, session.context_window)

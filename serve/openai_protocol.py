@@ -240,6 +240,15 @@ class _Common(_Model):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # granite-deploy's extension: prompt-lookup speculative decoding (`serve --speculative ngram`).
+    # Most draft tokens verified per step for this request: null = the server's --speculative-tokens,
+    # 0 = off for this request, larger values are capped at the server's (a performance hint: the
+    # output is distributed exactly as without speculation, greedy output is identical, so capping
+    # changes nothing a client can observe but speed). A value > 0 on a server that runs without
+    # speculation is a 400 naming the field rather than silently ignored, as every other parameter
+    # here; 0 is always accepted. Constrained requests (guided_*, response_format, forced tools) are
+    # never speculated, whatever this says.
+    speculative_tokens: int | None = Field(default=None, ge=0)
 
 
 class ChatCompletionRequest(_Common):

@@ -78,10 +78,18 @@ class ServerConfig:
     port: int = 8033  # 0: any free port (see GraniteServer.port)
     max_batch: int = 8
     max_queue: int = 64
-    # Prompt tokens prefilled per scheduler step: bounds how long running streams stall
-    # behind a new prompt. None: 8 on CPU (about 0.2 s of 1B prefill on 2 cores, under one decode
-    # step's worth), 256 on GPUs. With no stream decoding, prompts prefill 256 tokens a step.
-    prefill_chunk: int | None = None
+    # Tokens per scheduler step (serve/scheduler.py): every decode token and speculative draft,
+    # then prompt chunks oldest first; prompts always get at least a quarter of it. Bounds how long
+    # running streams stall behind a new prompt and how many weight passes a prompt costs.
+    # None: default_token_budget() -- 32 on CPU, 512 on GPUs (provisional, see there).
+    token_budget: int | None = None
+    prefill_chunk: int | None = None  # deprecated alias of token_budget (--prefill-chunk)
+    # Prompt-lookup speculative decoding (serve/speculative.py): None (off) or "ngram"; dense
+    # (attention-only) models only. Draft tokens per step, and the n-gram sizes tried (max down to min).
+    speculative: str | None = None
+    speculative_tokens: int = 4
+    speculative_ngram: int = 3
+    speculative_ngram_min: int = 1
     # Prefix cache budget in MiB (engines/prefix_cache.py): None sizes it from the engine device's free
     # memory (20%, at most 8 GiB); 0 turns prefix caching off.
     prefix_cache_mb: int | None = None
@@ -124,6 +132,30 @@ class ServerConfig:
     # pins manifest.json's own sha256 (--manifest-digest).
     verify_hashes: bool = True
     manifest_digest: str | None = None
+
+
+def default_token_budget(device: str) -> int:
+    """The step token budget when --token-budget is not given. Provisional (bench/bench_ragged.py
+    sweeps it): on CPU 32 -- its reserve of 8 prompt tokens per step while streams decode is the old
+    CPU prefill chunk (about 0.2 s of 1B prefill on 2 cores), and a prompt alone prefills 32 tokens a
+    step, so one ragged weight pass is shared by 32 tokens; on GPUs 512, where a step of a few hundred
+    tokens costs about what one token does (vLLM's chunked-prefill budgets are 512..8192)."""
+    return 32 if str(device).startswith("cpu") else 512
+
+
+def speculative_config(config: ServerConfig):
+    """The SpeculativeConfig of --speculative (None: off); InvalidField('--speculative...') when bad."""
+    if not config.speculative:
+        return None
+    from .speculative import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig(method=config.speculative, num_tokens=config.speculative_tokens,
+                                 ngram_max=config.speculative_ngram,
+                                 ngram_min=config.speculative_ngram_min).validate()
+    except ValueError as exc:
+        option, _, message = str(exc).partition(": ")
+        raise InvalidField(option, message) from None
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -342,22 +374,34 @@ class GraniteServer:
         self.metrics = Metrics(engine_label(info))
         limits = InputLimits.for_context(context_window, max_prompt_bytes=cfg.max_prompt_bytes,
                                          template_time_s=cfg.template_time_s)
-        chunk = cfg.prefill_chunk or (8 if info.device == "cpu" else 256)
+        budget = cfg.token_budget or cfg.prefill_chunk or default_token_budget(info.device)
+        speculative = speculative_config(cfg)
         from ..engines.prefix_cache import make_prefix_cache
 
         prefix_cache = make_prefix_cache(self.engine, cfg.prefix_cache_mb)
         if prefix_cache is not None:
             self.metrics.watch_prefix_cache(prefix_cache)
-        self.scheduler = Scheduler(self.engine, self.tokenizer, max_queue=cfg.max_queue,
-                                   max_running=cfg.max_batch, prefill_chunk=chunk, on_step=self.session.on_step,
-                                   prefix_cache=prefix_cache, on_fatal=self._on_fatal)
+        try:
+            self.scheduler = Scheduler(self.engine, self.tokenizer, max_queue=cfg.max_queue,
+                                       max_running=cfg.max_batch, token_budget=budget, on_step=self.session.on_step,
+                                       prefix_cache=prefix_cache, on_fatal=self._on_fatal, speculative=speculative)
+        except ValueError as exc:  # --speculative on an engine that cannot roll back (recurrent state)
+            option, _, message = str(exc).partition(": ")
+            raise InvalidField(option if option.startswith("--") else "--token-budget", message) from None
+        self.metrics.watch_speculation(self.scheduler)
+        log.info("scheduler: token budget %d per step%s", budget,
+                 f", speculative decoding {speculative.method} (k={speculative.num_tokens}, "
+                 f"n={speculative.ngram_max}..{speculative.ngram_min})" if speculative else
+                 ", speculative decoding off",
+                 extra={"fields": {"event": "scheduler", "token_budget": budget,
+                                   "speculative": speculative.method if speculative else None}})
         self.session.configure(
             self.tokenizer, self.scheduler, model_ids=self._model_ids, context_window=context_window,
             max_new_tokens_limit=limit, default_max_new_tokens=max(1, min(cfg.default_max_new_tokens, limit)),
             metrics=self.metrics, limits=limits, engine_info=info)
-        self._load_adapters(chunk)
+        self._load_adapters(budget, speculative)
 
-    def _load_adapters(self, chunk: int) -> None:
+    def _load_adapters(self, budget: int, speculative=None) -> None:
         """tgis: one engine and scheduler per --adapter artifact, like the base's (serve/adapters.py)."""
         cfg = self.config
         if not cfg.adapters:
@@ -373,7 +417,7 @@ class GraniteServer:
         self.adapters = load_adapters(
             cfg.adapters, cfg.artifact, self.engine, make_engine,
             lambda engine: Scheduler(engine, self.tokenizer, max_queue=cfg.max_queue, max_running=cfg.max_batch,
-                                     prefill_chunk=chunk, on_step=self.session.on_step))
+                                     token_budget=budget, on_step=self.session.on_step, speculative=speculative))
         self.session.adapters = dict(self.adapters.schedulers)
 
     def engine_description(self) -> str:

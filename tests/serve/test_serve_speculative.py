@@ -207,6 +207,21 @@ def test_greedy_output_is_identical_with_speculation(artifact, tokenizer, vocab)
     assert sched.draft_tokens_accepted < sched.draft_tokens_proposed  # and some were rolled back
 
 
+def test_sampling_requests_speculate(artifact, tokenizer, vocab):
+    """Seeded sampling (temperature, top-k, top-p, repetition penalty, min_new_tokens) with speculation:
+    drafts are verified by the distribution-preserving rule, every request completes normally, and a
+    seed gives the same tokens run to run (the drafter and the rule are deterministic)."""
+    prompts = repetitive_prompts(8, vocab, seed=13)
+    requests = [Request(p, SamplingParams(temperature=0.3, top_k=20, top_p=0.95, repetition_penalty=1.05,
+                                          seed=100 + i, logprobs=True),
+                        StoppingParams(max_new_tokens=20, min_new_tokens=5)) for i, p in enumerate(prompts)]
+    first, sched = run(artifact, tokenizer, requests, speculative=SPEC)
+    again, _ = run(artifact, tokenizer, requests, speculative=SPEC)
+    assert first == again
+    assert all(e[-1][4] in (StopReason.MAX_TOKENS, StopReason.EOS_TOKEN) and e[-1][3] >= 5 for e in first)
+    assert sched.draft_tokens_accepted > 0
+
+
 @pytest.fixture(scope="module")
 def references(artifact, tokenizer, vocab):
     """Greedy outputs (no speculation, no stop) of 6 prompts, 24 tokens each."""

@@ -20,6 +20,11 @@ Hybrid (Mamba2) models add fixed-size per-sequence state (`conv`, `ssm`)
 listed in the manifest's `state` record: same rows, zeroed when a slot is
 reserved, and decode calls then cover only rows that really decode.
 
+With the ragged flavour (`decoder_ragged`, the default on the CPU provider when the artifact
+has it; docs/ragged-step.md) a whole step is ONE call: `SlotTable.plan_ragged` puts the chunks in
+two groups of contiguous rows (swapping rows where they interleave), and each group's state is
+bound to its row range under its own input names, in place as above.
+
 For the prefix cache the engine copies a sequence's KV positions or recurrent
 state out (`save_kv`, `save_recurrent`) and into a fresh slot (`restore`).
 """
@@ -32,15 +37,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifact import CACHE_CAPACITY, DECODER, DECODER_CPU, graph_path, load_manifest
-from ..manifest import KV_LAYOUT_IN_PLACE, GraphRecord
+from ..artifact import CACHE_CAPACITY, DECODER, DECODER_CPU, DECODER_RAGGED, graph_path, load_manifest
+from ..manifest import KV_LAYOUT_IN_PLACE, GraphRecord, ragged_state_name
 from .base import CacheFull, Chunk, Engine, EngineError, EngineInfo, StateSnapshot
 from .device_memory import memory_for
-from .slots import Call, Move, SlotTable, blocks
+from .slots import Call, Move, RaggedCall, RaggedInfeasible, SlotTable, Swap, blocks
 from ..export.io_spec import NUM_LOGITS_TO_KEEP  # graph IO names: declared once, there
 
 log = logging.getLogger(__name__)
 CAPACITY_BLOCK = 256
+# Whether the ragged graph runs with a group of zero rows (an empty group is then bound as such;
+# otherwise to a one-row dummy state).
+RAGGED_ZERO_ROWS = True  # ONNX Runtime 1.32's CPU provider does (tests/export/test_ragged_graph.py)
 
 
 def _session_options(threads: int | None):
@@ -101,9 +109,9 @@ class OnnxRuntimeEngine(Engine):
         reason: str = "",
         graph: str | None = None,
     ):
-        """graph: which manifest graph to run; by default the CPU flavour on the CPU provider
-        when the artifact has one (its attention streams the cache at memory bandwidth), else
-        the portable decoder."""
+        """graph: which manifest graph to run; by default, on the CPU provider, the ragged flavour
+        (one call per step) or else the CPU flavour when the artifact has one (its attention
+        streams the cache at memory bandwidth), else the portable decoder."""
         import onnxruntime as ort
 
         self.artifact = Path(artifact)
@@ -111,7 +119,8 @@ class OnnxRuntimeEngine(Engine):
         arch = manifest.architecture
         graphs = manifest.graphs
         if graph is None:
-            graph = DECODER_CPU if provider == "CPUExecutionProvider" and DECODER_CPU in graphs else DECODER
+            cpu = provider == "CPUExecutionProvider"
+            graph = next((g for g in (DECODER_RAGGED, DECODER_CPU) if cpu and g in graphs), DECODER)
         if graph not in graphs:
             raise EngineError(f"{self.artifact}: manifest has no graph {graph!r} (it has {', '.join(graphs)})")
         self.graph_name = graph
@@ -123,6 +132,8 @@ class OnnxRuntimeEngine(Engine):
         self.max_seq_len = min(max_seq_len or context, context)
         self.max_batch = max_batch
         self.states = state_specs(record)
+        # The ragged flavour runs a whole step in one call (docs/ragged-step.md, SlotTable.plan_ragged).
+        self.ragged = graph == DECODER_RAGGED
         # Recurrent (Mamba) state changes with every token fed, so rows that do not
         # decode this step must not be run at all (no dummy rows in a decode call).
         self._recurrent = any(st["kind"] != "kv" for st in self.states)
@@ -140,6 +151,14 @@ class OnnxRuntimeEngine(Engine):
                 self._buffers[st["input"]] = self.memory.zeros(shape, st["dtype"])
                 if not st["in_place"]:
                     self._scratch[st["input"]] = self.memory.zeros(shape, st["dtype"])
+        # An empty ragged group is bound to a one-row dummy state (KV capacity 1) where the graph
+        # cannot run zero-row tensors: the planner gives it row `max_batch`, a 1-slot, 0-length row.
+        self._dummy: dict = {}  # state input name -> (input/in-place output, out-of-place output)
+        if self.ragged and not RAGGED_ZERO_ROWS:
+            for st in self.states:
+                shape = self._kv_shape(st, 1, 1) if st["kind"] == "kv" else (1, *st["shape"])
+                buf = self.memory.zeros(shape, st["dtype"])
+                self._dummy[st["input"]] = (buf, buf if st["in_place"] else self.memory.zeros(shape, st["dtype"]))
         self.slots = SlotTable(max_batch)
         device = "cuda:0" if provider.startswith("CUDA") else "cpu"
         self.info = EngineInfo("onnxruntime", device, record.precision, max_batch,
@@ -204,6 +223,26 @@ class OnnxRuntimeEngine(Engine):
         if move is not None:
             self._copy_row(move)
         self._maybe_shrink()
+
+    def _swap_rows(self, swap: Swap) -> None:
+        """Exchange two rows' state (the KV positions each holds, the whole recurrent state),
+        through a one-row temporary."""
+        for st in self.states:
+            buf = self._buffers[st["input"]]
+            axis = self._axis[st["input"]]
+            if axis is None:
+                tmp = self.memory.empty((1, *st["shape"]), st["dtype"])
+                self.memory.copy(tmp, 0, buf, swap.a, None)
+                self.memory.copy(buf, swap.a, buf, swap.b, None)
+                self.memory.copy(buf, swap.b, tmp, 0, None)
+                continue
+            tmp = self.memory.empty(self._kv_shape(st, 1, max(swap.length_a, 1)), st["dtype"])
+            if swap.length_a:
+                self.memory.copy(tmp, 0, buf, swap.a, axis, swap.length_a)
+            if swap.length_b:
+                self.memory.copy(buf, swap.a, buf, swap.b, axis, swap.length_b)
+            if swap.length_a:
+                self.memory.copy(buf, swap.b, tmp, 0, axis, swap.length_a)
 
     def _copy_row(self, move: Move) -> None:
         for st in self.states:
@@ -299,9 +338,68 @@ class OnnxRuntimeEngine(Engine):
                 self.memory.copy(buf, row, scratch, row, None)
         return binding.get_outputs()[0].numpy()
 
+    def _run_ragged(self, call: RaggedCall) -> np.ndarray:
+        """One call of the ragged graph: every group's state bound to its row range in place
+        (out-of-place outputs through scratch rows, copied back), the dummy state for a group on
+        the spare row. Returns logits [logits, vocab]."""
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
+        for name in ("input_ids", "position_ids", "unpad_index", "logits_index"):
+            binding.bind_cpu_input(name, getattr(call, name))
+        copy_back = []
+        for g, group in enumerate(call.groups):
+            binding.bind_cpu_input(f"group{g}.token_index", group.token_index)
+            binding.bind_cpu_input(f"group{g}.position_ids", group.position_ids)
+            binding.bind_cpu_input(f"group{g}.lengths", group.lengths)
+            for st in self.states:
+                name_in, name_out = ragged_state_name(st["input"], g), ragged_state_name(st["output"], g)
+                if group.lo >= self.max_batch:  # the spare row: an empty group's dummy
+                    buf, out = self._dummy[st["input"]]
+                    self.memory.bind(binding, name_in, buf, slice(0, 1), name_out, out_buf=out)
+                    continue
+                buf = self._buffers[st["input"]]
+                if st["in_place"]:
+                    self.memory.bind(binding, name_in, buf, group.rows, name_out)
+                else:
+                    scratch = self._scratch[st["input"]]
+                    self.memory.bind(binding, name_in, buf, group.rows, name_out, out_buf=scratch)
+                    copy_back.append((buf, scratch, group))
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise EngineError(f"ONNX Runtime step failed: {exc}") from exc
+        for buf, scratch, group in copy_back:
+            for row in range(group.lo, group.hi):
+                self.memory.copy(buf, row, scratch, row, None)
+        return binding.get_outputs()[0].numpy()[0]
+
+    def _step_ragged(self, chunks: list[Chunk]) -> np.ndarray:
+        spare = None if RAGGED_ZERO_ROWS else self.max_batch
+        try:
+            plans = [(range(len(chunks)), self.slots.plan_ragged(chunks, self.capacity, self.max_seq_len, spare))]
+        except RaggedInfeasible:  # a row too close to max_seq_len for a shared group: each chunk alone
+            plans = [(range(i, i + 1), self.slots.plan_ragged([c], self.capacity, self.max_seq_len, spare))
+                     for i, c in enumerate(chunks)]
+        out = np.empty((len(chunks), self.info.vocab_size), np.float32)
+        self.chunk_logits = {}
+        for members, call in plans:
+            for swap in call.swaps:  # before growing: a resize copies rows by the table's (new) rows
+                self._swap_rows(swap)
+            self._grow(call.capacity)
+            logits = self._run_ragged(call)
+            for k, i in enumerate(members):
+                lo, hi = call.logits_offsets[k], call.logits_offsets[k + 1]
+                out[i] = logits[hi - 1]
+                if chunks[i].all_logits:
+                    self.chunk_logits[chunks[i].seq_id] = np.array(logits[lo:hi], np.float32)
+        self.slots.advance(chunks)
+        return out
+
     def step(self, chunks: list[Chunk]) -> np.ndarray:
         if not chunks:
             return np.zeros((0, self.info.vocab_size), np.float32)
+        if self.ragged:
+            return self._step_ragged(chunks)
         # Grow first, also past every idle row's length: the dummy write a KV-only decode call
         # makes at an idle row's first free position must land inside the capacity.
         self._grow(max(max(c.start + len(c.token_ids) for c in chunks), self.slots.longest() + 1))

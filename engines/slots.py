@@ -211,7 +211,7 @@ class SlotTable:
         is a contiguous row range, the two disjoint; where the chosen groups' rows interleave,
         rows are swapped (`Swap`, applied to `rows` here; the engine copies the state before the
         call), the swaps weighed against the padding they save. Live rows inside a range without
-        a chunk get length 0 (the graph leaves them unchanged). An empty group 1 has rows [0, 0),
+        a chunk get length 0 (the graph leaves them unchanged). An empty group 1 has rows [0, 0) (width 1),
         or, with `spare_row`, that one row with a 1-slot, 0-length dummy. Raises EngineError /
         CacheFull for a step the cache cannot take, RaggedInfeasible when no layout keeps every
         row's writes (start + width) within max_seq_len.
@@ -297,7 +297,7 @@ class SlotTable:
                 one = np.zeros((1, 1), np.int64)
                 groups[1] = RaggedGroup(spare_row, spare_row + 1, 1, one, one.copy(), np.zeros(1, np.int64))
             else:
-                groups[1] = RaggedGroup(0, 0, 0, np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64),
+                groups[1] = RaggedGroup(0, 0, 1, np.zeros((0, 1), np.int64), np.zeros((0, 1), np.int64),
                                         np.zeros(0, np.int64))
         logits, offsets = [], [0]
         for i, c in enumerate(chunks):

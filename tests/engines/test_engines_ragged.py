@@ -94,7 +94,7 @@ def test_threshold_minimises_padded_slots():
     chunks = [Chunk(0, (1,), 3), Chunk(1, (2,), 4)]
     call = t.plan_ragged(chunks, 64, 1000)
     check_call(t, chunks, call)
-    assert [(g.lo, g.hi, g.width) for g in call.groups] == [(0, 2, 1), (0, 0, 0)]
+    assert [(g.lo, g.hi, g.width) for g in call.groups] == [(0, 2, 1), (0, 0, 1)]
     spare = t.plan_ragged(chunks, 64, 1000, spare_row=8).groups[1]
     assert (spare.lo, spare.hi, spare.width) == (8, 9, 1)
     assert spare.lengths.tolist() == [0] and spare.token_index.tolist() == [[0]]
@@ -130,7 +130,7 @@ def test_swaps_are_weighed_against_padding():
     chunks = [Chunk(0, (1,), 10), Chunk(1, (1, 2), 5000), Chunk(2, (1,), 10)]
     call = t.plan_ragged(chunks, 256, 100000)
     check_call(t, chunks, call)
-    assert [(g.lo, g.hi, g.width) for g in call.groups] == [(0, 3, 2), (0, 0, 0)] and call.swaps == ()
+    assert [(g.lo, g.hi, g.width) for g in call.groups] == [(0, 3, 2), (0, 0, 1)] and call.swaps == ()
     t = table([10, 20, 10])
     chunks = [Chunk(0, (1,), 10), Chunk(1, tuple(range(64)), 20), Chunk(2, (1,), 10)]
     call = t.plan_ragged(chunks, 256, 100000)
@@ -212,3 +212,156 @@ def test_random_steps_always_give_a_valid_plan(seed):
         if rng.random() < 0.2 and len(t):
             s = rng.choice(list(t.rows))
             t.truncate(s, rng.randrange(t.lengths[s] + 1))
+
+
+# --- the engine on the ragged graph vs the per-call engine on decoder_cpu ---------------------------------
+_DERIVED: dict = {}
+
+
+def ragged_artifact(artifact, tmp_path_factory):
+    """The artifact with its decoder_ragged flavour: as exported when the exporter adds it, else a
+    copy with the flavour derived here (export/ragged_graph.py) and added to the manifest."""
+    import dataclasses
+    import shutil
+
+    from granite_deploy.artifact import DECODER_CPU, DECODER_RAGGED, file_records, load_manifest, write_manifest
+    from granite_deploy.export.ragged_graph import derive_ragged_graph, ragged_graph_record
+
+    manifest = load_manifest(artifact)
+    if DECODER_RAGGED in manifest.graphs:
+        return artifact
+    if artifact not in _DERIVED:
+        out = tmp_path_factory.mktemp("ragged") / "art"
+        shutil.copytree(artifact, out)
+        cpu = manifest.graphs[DECODER_CPU]
+        path = derive_ragged_graph(out / cpu.file, manifest.architecture)
+        record = ragged_graph_record(cpu, path, manifest.architecture)
+        files = {**manifest.files, **file_records(out, [path.name])}
+        write_manifest(out, dataclasses.replace(manifest, graphs={**manifest.graphs, DECODER_RAGGED: record},
+                                                files=files))
+        _DERIVED[artifact] = out
+    return _DERIVED[artifact]
+
+
+def engines(artifact, max_batch=4, max_seq_len=None):
+    from granite_deploy.artifact import DECODER_CPU
+    from granite_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    ragged = OnnxRuntimeEngine(artifact, max_batch=max_batch, max_seq_len=max_seq_len, threads=1)
+    assert ragged.ragged and ragged.graph_name == "decoder_ragged"  # the default on the CPU provider
+    per_call = OnnxRuntimeEngine(artifact, max_batch=max_batch, max_seq_len=max_seq_len, threads=1,
+                                 graph=DECODER_CPU)
+    assert not per_call.ragged
+    swaps = []
+    inner = ragged._swap_rows
+    ragged._swap_rows = lambda swap: (swaps.append(swap), inner(swap))
+    return ragged, per_call, swaps
+
+
+def both(ragged, per_call, method, *args):
+    getattr(ragged, method)(*args)
+    getattr(per_call, method)(*args)
+
+
+def run_workload(ragged, per_call, seed: int, steps: int, rollback: bool, vocab: int):
+    """A random serving mixture, the same on both engines: sequences join (prompts fed in chunks of
+    2-9 tokens), decode greedily (the ragged engine's argmax), some idle for a step, some feed
+    k-token chunks (and, with `rollback`, truncate part of them and re-feed), leave (rows move);
+    now and then all_logits. Returns the number of steps compared."""
+    rng = np.random.default_rng(seed)
+    prompt: dict[int, list[int]] = {}  # seq -> prompt tokens not yet fed
+    cached: dict[int, int] = {}
+    next_tok: dict[int, int] = {}
+    fed: dict[int, list[int]] = {}
+    next_id, compared, tokens_equal = 0, 0, 0
+    for step in range(steps):
+        if len(cached) < ragged.max_batch and (rng.random() < 0.45 or not cached):
+            s = next_id
+            next_id += 1
+            both(ragged, per_call, "reserve", s)
+            prompt[s] = [int(x) for x in rng.integers(3, vocab, int(rng.integers(2, 30)))]
+            cached[s], fed[s] = 0, []
+        if len(cached) > 1 and rng.random() < 0.12:
+            s = int(rng.choice(list(cached)))
+            both(ragged, per_call, "release", s)
+            for d in (prompt, cached, next_tok, fed):
+                d.pop(s, None)
+        chunks = []
+        for s in list(cached):
+            if rng.random() < 0.15:
+                continue  # idle this step
+            if prompt[s]:
+                k = min(len(prompt[s]), int(rng.integers(2, 10)))
+                toks, prompt[s] = prompt[s][:k], prompt[s][k:]
+            elif rollback and rng.random() < 0.3:  # a k-token verification chunk
+                toks = [next_tok[s]] + [int(x) for x in rng.integers(3, vocab, int(rng.integers(1, 5)))]
+            else:
+                toks = [next_tok[s]]
+            if cached[s] + len(toks) > ragged.max_seq_len:
+                continue
+            chunks.append(Chunk(s, tuple(toks), cached[s], all_logits=bool(rng.random() < 0.15)))
+        if not chunks:
+            continue
+        order = rng.permutation(len(chunks))
+        chunks = [chunks[i] for i in order]
+        a = ragged.step(chunks)
+        b = per_call.step(chunks)
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0, err_msg=f"step {step}")
+        assert (a.argmax(-1) == b.argmax(-1)).all(), f"greedy tokens differ at step {step}"
+        for c in chunks:
+            if c.all_logits:
+                np.testing.assert_allclose(ragged.chunk_logits[c.seq_id], per_call.chunk_logits[c.seq_id],
+                                           atol=1e-4, rtol=0)
+                assert ragged.chunk_logits[c.seq_id].shape[0] == len(c.token_ids)
+        compared += 1
+        for c, row in zip(chunks, a):
+            s = c.seq_id
+            cached[s] = c.start + len(c.token_ids)
+            fed[s].extend(c.token_ids)
+            next_tok[s] = int(row.argmax())
+            if rollback and len(c.token_ids) > 1 and not prompt[s] and rng.random() < 0.7:
+                keep = c.start + int(rng.integers(1, len(c.token_ids)))
+                both(ragged, per_call, "truncate", s, keep)
+                cached[s] = keep
+                del fed[s][keep:]
+                next_tok[s] = int(c.token_ids[keep - c.start])  # re-feed the first dropped token
+    return compared
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ragged_engine_equals_the_per_call_engine_dense(tiny_fp32_artifact, tmp_path_factory, seed):
+    ragged, per_call, swaps = engines(ragged_artifact(tiny_fp32_artifact, tmp_path_factory))
+    assert run_workload(ragged, per_call, seed, steps=45, rollback=True, vocab=ragged.info.vocab_size) >= 30
+    assert swaps, "the workload should make the groups interleave at least once"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ragged_engine_equals_the_per_call_engine_hybrid(hybrid_artifact, tmp_path_factory, seed):
+    ragged, per_call, swaps = engines(ragged_artifact(hybrid_artifact, tmp_path_factory))
+    assert ragged.recurrent
+    assert run_workload(ragged, per_call, seed, steps=45, rollback=False, vocab=ragged.info.vocab_size) >= 30
+    assert swaps
+    with pytest.raises(EngineError):
+        ragged.truncate(next(iter(ragged.slots.rows)), 0)
+
+
+def test_ragged_engine_near_max_seq_len_runs_each_chunk_alone(tiny_fp32_artifact, tmp_path_factory):
+    # rows within a group's width of max_seq_len: no two-group layout fits, the engine runs chunks alone
+    ragged, per_call, _ = engines(ragged_artifact(tiny_fp32_artifact, tmp_path_factory), max_seq_len=40)
+    for s, n in enumerate((39, 37, 5)):
+        both(ragged, per_call, "reserve", s)
+        both(ragged, per_call, "step", [Chunk(s, tuple(range(3, 3 + n)), 0)])
+    chunks = [Chunk(0, (4,), 39), Chunk(1, (5, 6), 37), Chunk(2, (7, 8, 9, 10), 5)]
+    with pytest.raises(RaggedInfeasible):
+        SlotTable.plan_ragged(ragged.slots, chunks, ragged.capacity, 40)
+    np.testing.assert_allclose(ragged.step(chunks), per_call.step(chunks), atol=1e-4, rtol=0)
+
+
+def test_graph_argument_still_selects_the_per_call_flavours(tiny_fp32_artifact, tmp_path_factory):
+    from granite_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    for graph in ("decoder_cpu", "decoder"):
+        e = OnnxRuntimeEngine(ragged_artifact(tiny_fp32_artifact, tmp_path_factory), max_batch=2, threads=1, graph=graph)
+        assert not e.ragged and e.graph_name == graph
+        e.reserve(0)
+        assert e.step([Chunk(0, (1, 2, 3), 0)]).shape == (1, e.info.vocab_size)

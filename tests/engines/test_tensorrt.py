@@ -323,7 +323,7 @@ def test_load_engine_falls_back_to_onnxruntime_cpu_with_the_reason(artifact_with
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine:")]
     assert len(lines) == 1
     line = lines[0]
-    assert line.startswith("engine: onnxruntime CPUExecutionProvider, graph decoder_cpu (CPU fallback: no TensorRT plan fits")
+    assert line.startswith("engine: onnxruntime CPUExecutionProvider, graph decoder_ragged (CPU fallback: no TensorRT plan fits")
     assert "NVIDIA H100 80GB HBM3" in line and "NVIDIA A100-SXM4-80GB" in line
     assert "CPU fallback" in eng.info.reason
     with pytest.raises(ValueError, match="tensorrt requested but no TensorRT plan fits"):

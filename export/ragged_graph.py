@@ -166,17 +166,10 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
                                     c("one", 1)], f"{p}/kv_pos")  # [cap]
             q_pos = b.op("Unsqueeze", [gpos[g], c("axes_1_2_4", [1, 2, 4])], f"{p}/q_pos")  # [R, 1, 1, W, 1]
             mask5 = b.op("LessOrEqual", [kv_pos, q_pos], f"{p}/mask5")  # [R, 1, 1, W, cap]
-            gw = b.op("Mul", [s["W"], c("G", [G])], f"{p}/GW")
-            s["mask"] = b.op("Reshape", [b.op("Expand", [mask5, b.op("Concat", [s["R"], c("one_1d", [1]), c("G", [G]), s["W"], cap], f"{p}/mask_shape", axis=0)], f"{p}/mask5_g"),
-                                         b.op("Concat", [s["R"], c("one_1d", [1]), gw, cap], f"{p}/mask4_shape", axis=0)],
-                             f"{p}/mask")  # [R, 1, G*W, cap], query slot (g, w) of head group kv
+            s["mask"] = mask5  # broadcast over kv heads and the query heads of a group
             s["write"] = b.op("Gather", [gpos[g], c("zero", 0)], f"{p}/write_index", axis=1)  # [R]
-            # q gather index over [kvH, G*T, D]: slot (r, g, w) reads g*T + token_index[r, w]
-            T = b.op("Shape", [INPUT_IDS], f"{p}/T", start=1, end=2)
-            offs = b.op("Mul", [c("g_range", np.arange(G).reshape(1, G, 1)), T], f"{p}/q_offsets")  # [1, G, 1]
-            qi = b.op("Add", [b.op("Unsqueeze", [tok[g], c("axes_1", [1])], f"{p}/tok3"), offs], f"{p}/q_index3")
-            s["q_index"] = b.op("Reshape", [qi, b.op("Concat", [s["R"], gw], f"{p}/q_index_shape", axis=0)],
-                                f"{p}/q_index")  # [R, G*W]
+            gw = b.op("Mul", [s["W"], c("G", [G])], f"{p}/GW")
+            s["p4_shape"] = b.op("Concat", [s["R"], c("kvH", [kvH]), gw, cap], f"{p}/p4_shape", axis=0)
             s["o5_shape"] = b.op("Concat", [s["R"], c("kvH_D", [kvH, D, G]), s["W"]], f"{p}/o5_shape", axis=0)
             s["flat_shape"] = b.op("Concat", [s["RW"], c("nHD", [nH * D])], f"{p}/flat_shape", axis=0)
         if mamba_layers:
@@ -220,7 +213,7 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
         removed.update((id(y_t), id(merged)))
         # shared over the groups: scaled q as [kvH, G*T, D], k and v as [kvH, T, D]
         qs = b.op("Mul", [q, scale], f"{tag}/q_scaled")
-        q3 = b.op("Reshape", [qs, c("q3_shape", [kvH, -1, D])], f"{tag}/q3")
+        q4 = b.op("Reshape", [qs, c("q4_shape", [kvH, G, -1, D])], f"{tag}/q4")
         k3 = b.op("Squeeze", [kv["key"], c("axes_0", [0])], f"{tag}/k3")
         v3 = b.op("Squeeze", [kv["value"], c("axes_0", [0])], f"{tag}/v3")
         outs = []
@@ -233,12 +226,16 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
                 cache[part] = b.op("TensorScatter", [gname(names[0], g), upd, s["write"]], gname(names[1], g),
                                    axis=-1)
                 b.nodes[-1].name = f"{pg}/write_{part}"
-            qg = b.op("Transpose", [b.op("Gather", [q3, s["q_index"]], f"{pg}/q_slots", axis=1)], f"{pg}/q",
-                      perm=[1, 0, 2, 3])  # [kvH, R, G*W, D] -> [R, kvH, G*W, D]
-            scores = b.op("MatMul", [qg, cache["key"]], f"{pg}/scores")  # [R, kvH, G*W, cap]
+            # [kvH, G, R, W, D] -> [R, kvH, G, W, D]: at decode (W = 1) the scores are one matrix-vector
+            # product per query head against K as in decoder_cpu (an M = G*W GEMM would pack K per head)
+            qg = b.op("Transpose", [b.op("Gather", [q4, tok[g]], f"{pg}/q_slots", axis=2)], f"{pg}/q",
+                      perm=[2, 0, 1, 3, 4])
+            k5 = b.op("Unsqueeze", [cache["key"], c("axes_2", [2])], f"{pg}/k5")  # [R, kvH, 1, D, cap]
+            scores = b.op("MatMul", [qg, k5], f"{pg}/scores")  # [R, kvH, G, W, cap]
             scores = b.op("Where", [s["mask"], scores, c("minus_inf", -np.inf, np.float32)], f"{pg}/scores_masked")
             probs = b.op("Softmax", [scores], f"{pg}/probs", axis=-1)
-            probs_t = b.op("Transpose", [probs], f"{pg}/probs_t", perm=[0, 1, 3, 2])
+            probs4 = b.op("Reshape", [probs, s["p4_shape"]], f"{pg}/probs4")  # [R, kvH, G*W, cap]
+            probs_t = b.op("Transpose", [probs4], f"{pg}/probs_t", perm=[0, 1, 3, 2])
             out_t = b.op("MatMul", [cache["value"], probs_t], f"{pg}/out_t")  # [R, kvH, D, G*W]
             out5 = b.op("Reshape", [out_t, s["o5_shape"]], f"{pg}/out5")  # [R, kvH, D, G, W]
             out5 = b.op("Transpose", [out5], f"{pg}/out5_t", perm=[0, 4, 1, 3, 2])  # [R, W, kvH, G, D]

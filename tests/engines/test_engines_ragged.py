@@ -365,3 +365,13 @@ def test_graph_argument_still_selects_the_per_call_flavours(tiny_fp32_artifact, 
         assert not e.ragged and e.graph_name == graph
         e.reserve(0)
         assert e.step([Chunk(0, (1, 2, 3), 0)]).shape == (1, e.info.vocab_size)
+
+
+def test_empty_group_on_the_dummy_row_where_zero_rows_do_not_run(tiny_fp32_artifact, tmp_path_factory, monkeypatch):
+    """The fallback for runtimes without zero-row tensors: an empty group 1 bound to a one-row dummy state."""
+    from granite_deploy.engines import onnxruntime_engine
+
+    monkeypatch.setattr(onnxruntime_engine, "RAGGED_ZERO_ROWS", False)
+    ragged, per_call, _ = engines(ragged_artifact(tiny_fp32_artifact, tmp_path_factory))
+    assert ragged._dummy
+    assert run_workload(ragged, per_call, 3, steps=12, rollback=True, vocab=ragged.info.vocab_size) >= 8

@@ -64,6 +64,13 @@ METHODS = {
     "int8-qdq": (8, "int8-qdq"),
 }
 DEFAULT_BLOCK_SIZE = 32
+# int8 without --block-size: 128 weights per scale when every quantised weight's K divides by 128 (else 32).
+# Measured on the full-width 4-layer granite-4.0-1b slice (bench/ab_cpu.py, 2-core Xeon with AVX-512 VNNI,
+# 30 interleaved rounds, best step): 128-token prefill 234 -> 141 ms, batch-8 decode 52 -> 37 ms, batch-1
+# decode unchanged (27 vs 29 ms), 0.15 GiB less RSS; an 8-bit scale per 128 weights costs little accuracy.
+# int4 keeps 32 (the block onnxruntime-genai and llama.cpp's Q4_0 use): 128 was faster there too, but a
+# 4-bit step over 128 weights is coarse, and the gate on a real model decides (--block-size 128).
+DEFAULT_BLOCK_SIZE_BY_METHOD = {"int8": 128}
 DEFAULT_ACCURACY_LEVEL = 4
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -118,6 +125,19 @@ def read_source(artifact: Path) -> Manifest:
     if graph.kv_layout != KV_LAYOUT_IN_PLACE:
         raise QuantizeError(f"{path}: decoder cache layout {dict(graph.kv_cache)} is not {KV_LAYOUT_IN_PLACE!r}")
     return manifest
+
+
+def default_block_size(model, method: str) -> int:
+    """The block size for `method` when none was asked for: DEFAULT_BLOCK_SIZE_BY_METHOD's when it divides
+    the input dimension K of every weight to quantise (MatMul weights [K, N], the head Gemm's [N, K]), else
+    DEFAULT_BLOCK_SIZE."""
+    block = DEFAULT_BLOCK_SIZE_BY_METHOD.get(method, DEFAULT_BLOCK_SIZE)
+    inits = _initializers(model)
+    ks = [int(inits[n.input[1]].dims[0]) for n in model.graph.node
+          if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+    ks += [int(inits[n.input[1]].dims[1]) for n in model.graph.node
+           if n.op_type == "Gemm" and len(n.input) >= 2 and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
+    return block if ks and all(k % block == 0 for k in ks) else DEFAULT_BLOCK_SIZE
 
 
 # --- graph surgery -----------------------------------------------------------------------------
@@ -364,6 +384,7 @@ def quantize(
     """
     from . import accuracy
 
+    block_requested = block_size
     block_size = check_options(method, block_size, accuracy_level)
     if method == "int8-qdq":
         accuracy_level = None
@@ -390,6 +411,8 @@ def quantize(
 
         with progress.step(f"loading {source / src_graph.file}"):
             model = onnx.load(str(source / src_graph.file))
+        if block_requested is None and method != "int8-qdq":
+            block_size = default_block_size(model, method)
         with progress.step(f"quantizing ({method}{'' if method == 'int8-qdq' else f', block {block_size}'})"):
             if method == "int8-qdq":
                 done = quantize_qdq(model, quantize_head)

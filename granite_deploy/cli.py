@@ -714,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--int4", action="store_true", help="4-bit weight-only MatMulNBits (ONNX Runtime only)")
     how.add_argument("--int8-qdq", action="store_true",
                      help="int8 per-channel weights + DequantizeLinear, standard ops (TensorRT and ONNX Runtime)")
-    p.add_argument("--block-size", type=int, default=None, help="weights per scale for --int8/--int4 (default 32)")
+    p.add_argument("--block-size", type=int, default=None, help="weights per scale for --int8/--int4 (default 32; --int8: 128 when every weight's K divides by 128)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
                    help="MatMulNBits compute: 4 = int8 dot products (default, fast), 1 = fp32, 0 = unset")
     p.add_argument("--calibration", help="held-out UTF-8 text file for the perplexity gate (default: built-in sample)")

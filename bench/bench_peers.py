@@ -3,7 +3,8 @@
 The same random full-size checkpoint (bench/common.py) goes through each runtime's own
 tool chain:
   * ours: `granite-deploy export` (fp32) and `granite-deploy quantize` (int8, int4),
-    the `decoder_cpu` graph the engine picks on CPU;
+    the graph the engine picks on CPU (`decoder_ragged` where the artifact has it, else
+    `decoder_cpu`), and (runtime `ourscpu`) the `decoder_cpu` graph next to a ragged default;
   * onnxruntime-genai: its model builder, `-p fp32|int8|int4 -e cpu`;
   * llama.cpp: built from the source vendored in the llama-cpp-python sdist, converted
     with its own convert_hf_to_gguf.py (F16) and quantised with its llama-quantize
@@ -274,13 +275,18 @@ def gguf_model(checkpoint: Path, kind: str, lock: Lock) -> Path:
 
 # ---------------------------------------------------------------- workers (each its own process)
 
-def worker_ours(artifact: str, threads: int, steps: int) -> dict:
+def worker_ours(artifact: str, threads: int, steps: int, graph: str | None = None) -> dict:
     import numpy as np
 
     from granite_deploy.engines import Chunk, load_engine
 
     rng = np.random.default_rng(0)
-    engine = load_engine(artifact, max_batch=8, threads=threads)
+    if graph is None:
+        engine = load_engine(artifact, max_batch=8, threads=threads)
+    else:  # a named graph of the artifact (the CPU flavour next to the engine's default ragged one)
+        from granite_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+        engine = OnnxRuntimeEngine(artifact, max_batch=8, threads=threads, graph=graph)
     res = {"graph": getattr(engine, "graph_name", "?"), "rss_loaded_gib": rss_now_gib()}
     engine.reserve(100)
     engine.step([Chunk(100, (1, 2, 3, 4), 0)])  # warm-up
@@ -392,7 +398,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="decode steps per measurement (median)")
     ap.add_argument("--repeats", type=int, default=2, help="llama-bench repetitions")
     ap.add_argument("--widths", default="fp32,fp16,int8,int4")
-    ap.add_argument("--runtimes", default="ours,ortgenai,llamacpp")
+    ap.add_argument("--runtimes", default="ours,ourscpu,ortgenai,llamacpp",
+                    help="ourscpu: our engine on the decoder_cpu graph, where the default is decoder_ragged")
     ap.add_argument("--idle-load", type=float, default=1.5, help="wait for a 1-minute load average below this")
     ap.add_argument("--max-wait", type=float, default=90, help="longest wait for an idle machine, s")
     ap.add_argument("--lock", default="/tmp/granite-bench.lock", help="shared benchmark lock ('' for none)")
@@ -403,7 +410,8 @@ def main() -> None:
 
     if args.worker:
         kind, path, threads, steps = args.worker
-        fn = {"ours": worker_ours, "ortgenai": worker_ortgenai}[kind]
+        fn = {"ours": worker_ours, "ortgenai": worker_ortgenai,
+              "ourscpu": lambda *a: worker_ours(*a, graph="decoder_cpu")}[kind]
         res = fn(path, int(threads), int(steps))
         res["peak_rss_self_gib"] = _hwm_kib(os.getpid()) / 2**20
         print(json.dumps(res), flush=True)
@@ -425,6 +433,12 @@ def main() -> None:
         method, ogp, gg, _ = WIDTHS[w]
         if "ours" in runtimes and w in ours_art:
             plan.append((w, f"granite-deploy {w}", "ours", ours_art[w]))
+            # The engine's default graph is decoder_ragged where the artifact has it: measure the
+            # decoder_cpu flavour too (a row of its own, not a peer).
+            from granite_deploy.artifact import load_manifest
+
+            if "ourscpu" in runtimes and "decoder_ragged" in load_manifest(ours_art[w]).graphs:
+                plan.append((w, f"granite-deploy {w} decoder_cpu", "ourscpu", ours_art[w]))
         if "ortgenai" in runtimes and ogp:
             try:
                 plan.append((w, f"onnxruntime-genai {ogp}", "ortgenai", ortgenai_model(checkpoint, ogp, args.threads, lock)))
@@ -458,13 +472,15 @@ def main() -> None:
                 if kind == "llamacpp":
                     res = measure_llamacpp(llama_cpp_dir(), path, args.threads, args.steps, args.repeats)
                 else:
-                    py = MAIN_PYTHON if kind == "ours" else str(peer_python())
+                    py = MAIN_PYTHON if kind.startswith("ours") else str(peer_python())
                     out, rss = run_child([py, __file__, "--worker", kind, str(path), str(args.threads), str(args.steps)])
                     res = last_json(out)
                     res["peak_rss_gib"] = max(rss, res.pop("peak_rss_self_gib", 0.0))
             except Exception as e:  # noqa: BLE001
                 log(f"{label}: failed: {e}")
                 res = {"error": str(e)}
+            if kind.startswith("ours") and "graph" in res:
+                label = f"granite-deploy {w} ({res['graph']})"
             res.update(width=w, label=label, kind=kind, load=load, seconds=time.perf_counter() - t)
             results.append(res)
 
@@ -487,7 +503,7 @@ def main() -> None:
     rows = []
     for w in widths:
         mine = next((r for r in results if r["width"] == w and r["kind"] == "ours"), None)
-        peers = [r for r in results if r["width"] == w and r["kind"] != "ours"]
+        peers = [r for r in results if r["width"] == w and not r["kind"].startswith("ours")]
         if not mine or not peers:
             continue
         row = [WIDTH_LABEL[w]]

@@ -296,6 +296,29 @@ def _pick(w: np.ndarray, u: float) -> int:
     return base + i
 
 
+def accept_draft(weights: np.ndarray, draft: int, rng: np.random.Generator) -> int:
+    """The speculative acceptance rule for one deterministic draft token.
+
+    ``weights``: the final processed distribution at this position, unnormalised
+    (non-negative, e.g. exp of the filtered logits); ``draft``: the draft token's index into
+    ``weights``, or -1 when it has probability 0 there (filtered out by top-k/top-p/...).
+    Returns the chosen index: ``draft`` with probability p(draft), otherwise a draw from p
+    with the draft removed and renormalised. Consumes one uniform from ``rng`` (accepted),
+    two (rejected). The result is distributed exactly as p.
+    """
+    w = np.asarray(weights)
+    total = float(w.sum(dtype=np.float64))
+    p = float(w[draft]) / total if draft >= 0 and total > 0 else 0.0
+    if rng.random() < p:
+        return int(draft)
+    residual = w.astype(np.float64)  # a copy: the caller's weights stay intact
+    if draft >= 0:
+        residual[draft] = 0.0
+    if not residual.any():  # only reachable through rounding with p(draft) ~ 1
+        return int(draft)
+    return int(_pick(residual, rng.random()))
+
+
 # --------------------------------------------------------------------------- #
 # Per-request sampler.
 # --------------------------------------------------------------------------- #
@@ -406,7 +429,7 @@ class TokenSampler:
         draft token proposed for this position. Greedy ignores it (the caller
         compares it with the argmax). Sampling verifies it against the final
         processed distribution p (after top_k / top_p / typical_p):
-        :func:`~.speculative.accept_draft` keeps it with probability p(draft),
+        :func:`accept_draft` keeps it with probability p(draft),
         else draws from p with the draft removed, so the token returned is
         distributed exactly as without a draft; it equals ``draft`` iff it was
         accepted. That path consumes one uniform draw, plus one on rejection.
@@ -502,8 +525,6 @@ class TokenSampler:
             idx = keep if idx is None else idx[keep]
             vals = vals[keep]
         if draft is not None:
-            from .speculative import accept_draft
-
             w, _, _ = _softmax_parts(vals, work[: vals.size])
             if idx is None:
                 j = int(draft) if 0 <= draft < vals.size else -1

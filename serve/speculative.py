@@ -52,6 +52,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The acceptance rule is a sampling rule: it lives with the sampler, which applies it (no cycle).
+from .sampling import accept_draft
+
 __all__ = ["SpeculativeConfig", "accept_draft", "propose"]
 
 METHODS = ("ngram",)
@@ -118,31 +121,6 @@ def propose(context, k: int, ngram_max: int = 3, ngram_min: int = 1) -> list[int
             i = int(found[-1]) + n
             return arr[i:i + k].tolist()
     return []
-
-
-def accept_draft(weights: np.ndarray, draft: int, rng: np.random.Generator) -> int:
-    """The speculative acceptance rule for one deterministic draft token.
-
-    ``weights``: the final processed distribution at this position, unnormalised
-    (non-negative, e.g. exp of the filtered logits); ``draft``: the draft token's index into
-    ``weights``, or -1 when it has probability 0 there (filtered out by top-k/top-p/...).
-    Returns the chosen index: ``draft`` with probability p(draft), otherwise a draw from p
-    with the draft removed and renormalised. Consumes one uniform from ``rng`` (accepted),
-    two (rejected). The result is distributed exactly as p.
-    """
-    from .sampling import _pick
-
-    w = np.asarray(weights)
-    total = float(w.sum(dtype=np.float64))
-    p = float(w[draft]) / total if draft >= 0 and total > 0 else 0.0
-    if rng.random() < p:
-        return int(draft)
-    residual = w.astype(np.float64)  # a copy: the caller's weights stay intact
-    if draft >= 0:
-        residual[draft] = 0.0
-    if not residual.any():  # only reachable through rounding with p(draft) ~ 1
-        return int(draft)
-    return int(_pick(residual, rng.random()))
 
 
 def draft_length(k: int, remaining: int) -> int:

@@ -64,12 +64,22 @@ def repetitive_prompts(n: int, vocab: int, seed: int = 0) -> list[tuple[int, ...
 def _event(e):
     t = e.token
     return (e.kind, e.text, None if t is None else t.token_id, e.generated_count, e.stop_reason, e.stop_sequence,
-            e.error, None if t is None or t.logprob is None else round(t.logprob, 4),
+            e.error, None if t is None or t.logprob is None else t.logprob,
             None if t is None else t.rank,
-            None if t is None else tuple((i, round(lp, 4)) for i, lp in t.top_tokens),
+            None if t is None else tuple(t.top_tokens),
             None if e.prompt_tokens is None else tuple(
-                (p.token_id, None if p.logprob is None or math.isnan(p.logprob) else round(p.logprob, 4))
+                (p.token_id, None if p.logprob is None or math.isnan(p.logprob) else p.logprob)
                 for p in e.prompt_tokens))
+
+
+def same(a, b, atol: float = 1e-3) -> bool:
+    """Events equal, logprobs within atol: the engine batches rows differently with and without
+    speculation (and run to run), which moves logits by float rounding, never tokens or text."""
+    if isinstance(a, (float, np.floating)) and isinstance(b, (float, np.floating)):
+        return math.isclose(float(a), float(b), abs_tol=atol)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y, atol) for x, y in zip(a, b))
+    return a == b
 
 
 def run(artifact, tokenizer, requests, speculative=None, max_batch=4, token_budget=256, engine=None, **kw):
@@ -202,7 +212,7 @@ def test_greedy_output_is_identical_with_speculation(artifact, tokenizer, vocab)
                 for i, p in enumerate(prompts)]
     off, _ = run(artifact, tokenizer, requests)
     on, sched = run(artifact, tokenizer, requests, speculative=SPEC)
-    assert on == off
+    assert same(on, off)
     assert sched.draft_tokens_proposed > 50 and sched.draft_tokens_accepted > 10  # drafts were really used
     assert sched.draft_tokens_accepted < sched.draft_tokens_proposed  # and some were rolled back
 
@@ -217,7 +227,7 @@ def test_sampling_requests_speculate(artifact, tokenizer, vocab):
                         StoppingParams(max_new_tokens=20, min_new_tokens=5)) for i, p in enumerate(prompts)]
     first, sched = run(artifact, tokenizer, requests, speculative=SPEC)
     again, _ = run(artifact, tokenizer, requests, speculative=SPEC)
-    assert first == again
+    assert same(first, again)
     assert all(e[-1][4] in (StopReason.MAX_TOKENS, StopReason.EOS_TOKEN) and e[-1][3] >= 5 for e in first)
     assert sched.draft_tokens_accepted > 0
 
@@ -240,7 +250,7 @@ def test_rollback_at_every_draft_position(artifact, tokenizer, vocab, references
     on, sched = run(artifact, tokenizer, requests, speculative=SPEC, max_batch=3)
     assert [tokens_of(e) for e in on] == list(references.values())
     off, _ = run(artifact, tokenizer, requests, max_batch=3)
-    assert on == off  # texts, logprobs, ranks, top tokens too
+    assert same(on, off)  # texts, logprobs, ranks, top tokens too
     assert sched.draft_tokens_proposed > 0
     if diverge_at == 0:
         assert sched.draft_tokens_accepted == 0
@@ -270,7 +280,7 @@ def test_stops_inside_an_accepted_draft(artifact, tokenizer, vocab, references, 
         requests.append(Request(prompt, SamplingParams(logprobs=True), stopping))
     off, _ = run(artifact, tokenizer, requests, max_batch=3)
     on, sched = run(artifact, tokenizer, requests, speculative=SPEC, max_batch=3)
-    assert on == off
+    assert same(on, off)
     reasons = {e[-1][4] for e in off}
     assert {StopReason.EOS_TOKEN, StopReason.STOP_SEQUENCE, StopReason.MAX_TOKENS} <= reasons
     assert sched.draft_tokens_accepted > 0
@@ -292,7 +302,7 @@ def test_prompt_logprobs_and_prefix_cache_with_speculation(artifact, tokenizer, 
         results[label] = [run(artifact, tokenizer, reqs, spec, engine=engine, prefix_cache=cache)[0]
                           for reqs in (first, second)]
         assert cache.hits > 0
-    assert results["on"] == results["off"]
+    assert same(results["on"], results["off"])
 
 
 def test_token_budget_plan(artifact, tokenizer, vocab):

@@ -266,7 +266,7 @@ def cmd_load(args) -> None:
                                      common_args + args.after_args.split() + [args.budget_flag, str(b)], None,
                                      [args.sweep_level], args, seed=rep * 100)[0][args.sweep_level]
             rec_rep.append({"before": before, "after": after, "sweep": sweep, "prompt_tokens": mean_tokens})
-            (RESULTS / "load.json").write_text(json.dumps(report, indent=1))
+            (RESULTS / f"load-{'-'.join(arts)}.json").write_text(json.dumps(report, indent=1))
             print_load(w, rec_rep[-1], levels, args, rep)
     print_load_summary(report, args)
 
@@ -335,6 +335,7 @@ def verify_worker(artifact: str, graph: str | None, threads: int, ks: list[int],
     rng = np.random.default_rng(0)
     engine = OnnxRuntimeEngine(artifact, max_batch=max(batches), threads=threads, graph=graph)
     res = {"graph": engine.graph_name, "times": {}}
+    vocab = min(1000, engine.info.vocab_size)
     engine.reserve(100)
     engine.step([Chunk(100, (1, 2, 3, 4), 0)])  # warm-up
     engine.release(100)
@@ -348,7 +349,7 @@ def verify_worker(artifact: str, graph: str | None, threads: int, ks: list[int],
         for k in ks:
             times = []
             for i in range(steps + 1):
-                chunks = [Chunk(s, tuple(int(x) for x in rng.integers(0, 1000, k)), past) for s in range(batch)]
+                chunks = [Chunk(s, tuple(int(x) for x in rng.integers(0, vocab, k)), past) for s in range(batch)]
                 t = time.perf_counter()
                 engine.step(chunks)
                 times.append(time.perf_counter() - t)

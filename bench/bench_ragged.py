@@ -10,7 +10,7 @@ Three parts, each printing its tables (ratios measured in one run) and the machi
           exported with `git archive` and run from there: per-call `decoder_cpu` engine, the old
           scheduler with its CPU prefill chunk of 8 tokens while others decode) on the artifact
           without the ragged flavour; "after": this checkout on the same artifact plus the
-          `decoder_ragged` flavour (a view folder: small files copied, weights symlinked), with the
+          `decoder_ragged` flavour (a view folder: a copy), with the
           scheduler's token budget; a token-budget sweep at one concurrency on the after side.
   verify  (4b) engine-level cost of a step whose every row carries a k-token chunk (k = 1..8, what
           verifying k-1 draft tokens costs), batch 1 and 8, past 300, relative to a 1-token step;
@@ -58,7 +58,8 @@ PKG_DIRS = ("granite_deploy", "engines", "export", "serve", "protos")
 # --- artifacts -----------------------------------------------------------------------------------
 def ragged_view(artifact: Path) -> Path:
     """`artifact` plus the decoder_ragged flavour, in a folder of its own so the shared cached
-    artifact is left as it is: small files copied, large ones (the weights) symlinked, then the
+    artifact is left as it is: a copy (ONNX refuses external data
+    behind a link), then the
     exporter's `add_ragged_flavour` (it writes only a graph file and the manifest)."""
     from granite_deploy.artifact import load_manifest
 
@@ -77,10 +78,7 @@ def ragged_view(artifact: Path) -> Path:
             dst = out / f.relative_to(artifact)
             if f.is_dir():
                 dst.mkdir(parents=True, exist_ok=True)
-            elif f.stat().st_size > 64 * 2**20:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                dst.symlink_to(f.resolve())
-            else:
+            else:  # a copy of everything: ONNX's checker refuses external data behind a sym- or hard link
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(f, dst)
         t = time.perf_counter()

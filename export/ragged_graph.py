@@ -23,7 +23,10 @@ padding slots (j >= `group{g}.lengths[r]`) get dt = 0, so the SSM state does
 not move through them, and the conv state written back is the K inputs ending
 at the row's real chunk end (GatherElements on the [old window | chunk]
 concatenation), so an idle row (length 0) keeps conv and ssm state exactly.
-The Mamba causal masks come from the group's width.
+The Mamba causal masks come from the group's width. Each group's conv + scan
+(about 45 nodes) sits in an If on rows_g > 0, so an empty group costs one node
+per Mamba layer (ONNX Runtime writes an If's outputs straight into the bound
+output buffers: no copy of the ssm state); the conv state write stays outside.
 
 The head gathers the hidden states at `logits_index` before the final norm;
 `num_logits_to_keep` is gone. Group 0's state tensors keep decoder_cpu's
@@ -174,6 +177,8 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
             s["flat_shape"] = b.op("Concat", [s["RW"], c("nHD", [nH * D])], f"{p}/flat_shape", axis=0)
         if mamba_layers:
             m = a.mamba
+            s["nonempty"] = b.op("Squeeze", [b.op("Greater", [s["R"], c("zero_1d", [0])], f"{p}/nonempty_1d"),
+                                             c("axes_0", [0])], f"{p}/nonempty")  # scalar bool: rows_g > 0
             pos_w = b.op("Range", [c("zero", 0), s["W0"], c("one", 1)], f"{p}/slot")  # [W]
             rows = b.op("Unsqueeze", [pos_w, c("axes_neg1", [-1])], f"{p}/slot_col")
             s["causal_incl"] = b.op("LessOrEqual", [pos_w, rows], f"{p}/causal_incl")  # [W(i), W(j)]: j <= i
@@ -271,10 +276,11 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
             xt = b.op("Transpose", [b.op("Gather", [xbc2, tok[g]], f"{pg}/xbc_slots", axis=0)], f"{pg}/xbc_t",
                       perm=[0, 2, 1])  # [R, C, W]
             window = b.op("Concat", [cin, xt], f"{pg}/conv_window", axis=2)  # [R, C, K + W]
-            cv = b.op("Conv", [window, *conv.input[1:]], f"{pg}/conv", **conv_attrs)
-            cv = b.op("Slice", [cv, c("one_1d", [1]), c("int_max", [2**62]), c("axis2", [2])], f"{pg}/conv_new")
             b.nodes.append(helper.make_node("GatherElements", [window, s["conv_index"]], [gname(conv_out, g)],
                                             name=f"{pg}/conv_state", axis=2))
+            body_start = len(b.nodes)  # the rest runs inside If(rows_g > 0): an empty group costs one node
+            cv = b.op("Conv", [window, *conv.input[1:]], f"{pg}/conv", **conv_attrs)
+            cv = b.op("Slice", [cv, c("one_1d", [1]), c("int_max", [2**62]), c("axis2", [2])], f"{pg}/conv_new")
             act = b.op("Mul", [cv, b.op("Sigmoid", [cv], f"{pg}/conv_sig")], f"{pg}/conv_silu")
             act = b.op("Transpose", [act], f"{pg}/conv_act", perm=[0, 2, 1])  # [R, W, C]
             x, bm, cm = b.op("Split", [act, c("xbc_split", [I, N, N])], f"{pg}/xbc", n_out=3, axis=-1)
@@ -312,9 +318,24 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
                          f"{pg}/cum_last_exp")
             kept = b.op("Mul", [sin, b.op("Unsqueeze", [total, c("axes_neg1", [-1])], f"{pg}/total4")],
                         f"{pg}/state_kept")
-            b.nodes.append(helper.make_node("Add", [kept, contrib], [gname(ssm_out, g)], name=f"{pg}/state_new"))
+            b.nodes.append(helper.make_node("Add", [kept, contrib], [f"{pg}/state_new"], name=f"{pg}/state_new"))
             y = b.op("Transpose", [y], f"{pg}/y_bl", perm=[0, 2, 1, 3])  # [R, W, nh, hd]
-            outs.append(b.op("Reshape", [y, s["y_shape"]], f"{pg}/y_slots"))  # [R*W, I]
+            y = b.op("Reshape", [y, s["y_shape"]], f"{pg}/y_slots_then")  # [R*W, I]
+            body = b.nodes[body_start:]
+            del b.nodes[body_start:]
+            then_branch = helper.make_graph(body, f"{pg}/then", [], [
+                helper.make_tensor_value_info(f"{pg}/state_new", TensorProto.FLOAT, None),
+                helper.make_tensor_value_info(y, TensorProto.FLOAT, None)])
+            empty_y = helper.make_tensor(f"{pg}/empty_y", TensorProto.FLOAT, [0, I], [])
+            else_branch = helper.make_graph([
+                helper.make_node("Identity", [sin], [f"{pg}/state_same"], name=f"{pg}/state_same"),
+                helper.make_node("Constant", [], [f"{pg}/y_empty"], name=f"{pg}/y_empty", value=empty_y)],
+                f"{pg}/else", [], [helper.make_tensor_value_info(f"{pg}/state_same", TensorProto.FLOAT, None),
+                                   helper.make_tensor_value_info(f"{pg}/y_empty", TensorProto.FLOAT, None)])
+            b.nodes.append(helper.make_node("If", [s["nonempty"]], [gname(ssm_out, g), f"{pg}/y_slots"],
+                                            name=f"{pg}/if_rows", then_branch=then_branch,
+                                            else_branch=else_branch))
+            outs.append(f"{pg}/y_slots")
         slots = b.op("Concat", outs, f"{tag}/y_slots", axis=0)
         b.nodes.append(helper.make_node("Gather", [slots, unpad_2d], [y3.output[0]], name=f"{tag}/unpad", axis=0))
 
@@ -337,7 +358,7 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
     live = _prune(all_nodes, outputs_needed)
     del graph.node[:]
     graph.node.extend(live)
-    used = {x for n in live for x in n.input}
+    used = {x for n in live for x in _reads(n)}
     old_inits = [t for t in graph.initializer if t.name in used and t.name != NUM_LOGITS_TO_KEEP]
     del graph.initializer[:]
     graph.initializer.extend(old_inits)
@@ -354,12 +375,25 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
     del graph.value_info[:]
     graph.name = graph.name.removesuffix("_cpu") + "_ragged"
     defined = {x for n in live for x in n.output} | {t.name for t in graph.initializer} | {s.name for s in inputs}
-    missing = {x for n in live for x in n.input if x} - defined
+    missing = {x for n in live for x in _reads(n) if x} - defined
     if missing:
         raise RaggedGraphError(f"{src}: internal error: the rewrite reads undefined tensors {sorted(missing)[:5]}")
     out_path = src.parent / out_name
     onnx.save_model(model, str(out_path))
     return out_path
+
+
+def _reads(node) -> list[str]:
+    """Every tensor a node reads: its inputs and, for If/Loop/Scan, what its subgraphs take from outside."""
+    names = list(node.input)
+    for at in node.attribute:
+        graphs = [at.g] if at.HasField("g") else list(at.graphs)
+        for sub in graphs:
+            made = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            for n in sub.node:
+                names.extend(x for x in _reads(n) if x not in made)
+                made.update(n.output)
+    return names
 
 
 def _toposort(nodes, available: set) -> list:
@@ -379,7 +413,7 @@ def _toposort(nodes, available: set) -> list:
                 avail.update(node.output)
                 continue
             stack.append((node, True))
-            for x in node.input:
+            for x in _reads(node):
                 if x not in avail and x in producers and id(producers[x]) not in done:
                     stack.append((producers[x], False))
 
@@ -397,7 +431,7 @@ def _prune(nodes, outputs: set) -> list:
         if id(n) in live:
             continue
         live.add(id(n))
-        stack.extend(producers[x] for x in n.input if x in producers)
+        stack.extend(producers[x] for x in _reads(n) if x in producers)
     return [n for n in nodes if id(n) in live]
 
 

@@ -8,7 +8,7 @@ decode batch 1 and batch 8 (past --past) and a --prefill-token prefill, plus the
 variant's load added.
 
 A variant is `method:block:accuracy_level[:option=value,...]`, e.g. `int4:32:4`,
-`int4:128:4`, `int8:32:1`, `int4:32:4:session.intra_op.allow_spinning=0`, `@/path/to/artifact:0:0` (that artifact as it is; options are
+`int4:128:4`, `int8:32:1`, `int8-qdq:0:0` (block 0: the method's default), `int4:32:4:session.intra_op.allow_spinning=0`, `@/path/to/artifact:0:0` (that artifact as it is; options are
 ONNX Runtime session config entries added to the engine's `_session_options`).
 
     flock /tmp/granite-bench.lock python bench/ab_cpu.py int4:32:4 int4:64:4 int4:128:4
@@ -52,7 +52,7 @@ def variant_artifact(src: Path, method: str, block: int, level: int) -> Path:
     out = common.CACHE / f"{src.name}-{method}-b{block}-a{level}"
     if not (out / "manifest.json").exists():
         t = time.perf_counter()
-        quantize(src, out, method, block_size=block, accuracy_level=level, force=True, skip_gate=True,
+        quantize(src, out, method, block_size=block or None, accuracy_level=level, force=True, skip_gate=True,
                  decode_steps=2, ppl_max_tokens=32)
         print(f"# quantized {out.name} in {time.perf_counter() - t:.0f} s", flush=True)
     return out

@@ -357,9 +357,23 @@ def worker_ortgenai(model: str, threads: int, steps: int) -> dict:
 
 
 def measure_llamacpp(src: Path, model: Path, threads: int, steps: int, repeats: int) -> dict:
+    """llama-bench and llama-batched-bench. Weight repacking (llama.cpp's default) is tried first; where it
+    dies with SIGILL (the 01:00 UTC 2026-12-02 host: Q8_0/Q4_0 repacking on its AVX-512/AMX Xeon VM) the
+    whole measurement is redone with repacking off, and the result says so."""
+    try:
+        return _measure_llamacpp(src, model, threads, steps, repeats, repack=True)
+    except RuntimeError as e:
+        if "exited with -4" not in str(e):
+            raise
+        log(f"llama.cpp {model.name}: SIGILL with weight repacking; measuring with --repack 0 / --no-repack")
+        return {**_measure_llamacpp(src, model, threads, steps, repeats, repack=False), "repack": "off (SIGILL)"}
+
+
+def _measure_llamacpp(src: Path, model: Path, threads: int, steps: int, repeats: int, repack: bool) -> dict:
     bin_ = src / "build" / "bin"
     res, rss = {}, 0.0
-    common_args = ["-m", str(model), "-t", str(threads), "-r", str(repeats), "-o", "json"]
+    common_args = ["-m", str(model), "-t", str(threads), "-r", str(repeats), "-o", "json",
+                   *([] if repack else ["--repack", "0"])]
     out, r = run_child([str(bin_ / "llama-bench"), *common_args, "-p", "128,1024", "-n", "0"], quiet=True)
     rss = max(rss, r)
     for row in json.loads(out):
@@ -370,12 +384,14 @@ def measure_llamacpp(src: Path, model: Path, threads: int, steps: int, repeats: 
     for row in json.loads(out):
         res[f"decode_b1_p{row['n_depth']}"] = row["avg_ts"]
     out, r = run_child([str(bin_ / "llama-batched-bench"), "-m", str(model), "-t", str(threads), "-tb", str(threads),
-                        "-c", "4096", "-npp", "128", "-ntg", str(steps), "-npl", "8", "--output-format", "jsonl"],
+                        "-c", "4096", "-npp", "128", "-ntg", str(steps), "-npl", "8", "--output-format", "jsonl",
+                        *([] if repack else ["--no-repack"])],
                        quiet=True)
     rss = max(rss, r)
     res["decode_b8_p128"] = last_json(out)["speed_tg"]
     res["peak_rss_gib"] = rss
-    print(f"#   llama.cpp: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()), flush=True)
+    print(f"#   llama.cpp{'' if repack else ' (no repack)'}: " + ", ".join(f"{k} {v:.2f}" for k, v in res.items()),
+          flush=True)
     return res
 
 
@@ -471,6 +487,8 @@ def main() -> None:
             try:
                 if kind == "llamacpp":
                     res = measure_llamacpp(llama_cpp_dir(), path, args.threads, args.steps, args.repeats)
+                    if "repack" in res:
+                        label = f"{label} (repack off: SIGILL)"
                 else:
                     py = MAIN_PYTHON if kind.startswith("ours") else str(peer_python())
                     out, rss = run_child([py, __file__, "--worker", kind, str(path), str(args.threads), str(args.steps)])

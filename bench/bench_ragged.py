@@ -248,7 +248,7 @@ def cmd_load(args) -> None:
     code = before_code(args.before_commit)
     common_args = ["--threads", str(args.threads), "--max-batch", str(max(levels)), "--max-queue", "64",
                    "--prefix-cache-mb", "0"]
-    report = {"machine": common.machine(), "args": vars(args), "widths": {}}
+    report = {"machine": common.machine(), "args": {k: v for k, v in vars(args).items() if k != "func"}, "widths": {}}
     for w, art in arts.items():
         after_art = ragged_view(art)
         rec = report["widths"][w] = {}

@@ -24,7 +24,8 @@ not move through them, and the conv state written back is the K inputs ending
 at the row's real chunk end (GatherElements on the [old window | chunk]
 concatenation), so an idle row (length 0) keeps conv and ssm state exactly.
 The Mamba causal masks come from the group's width. Each group's conv + scan
-(about 45 nodes) sits in an If on rows_g > 0, so an empty group costs one node
+(about 45 nodes), like its attention after the cache writes, sits in an If on
+rows_g > 0, so an empty group costs one node
 per Mamba layer (ONNX Runtime writes an If's outputs straight into the bound
 output buffers: no copy of the ssm state); the conv state write stays outside.
 
@@ -162,6 +163,8 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
         s["W"] = b.op("Gather", [rw, c("idx1_1d", [1])], f"{p}/W", axis=0)  # [1]
         s["W0"] = b.op("Squeeze", [s["W"], c("axes_0", [0])], f"{p}/W0")  # scalar
         s["RW"] = b.op("Mul", [s["R"], s["W"]], f"{p}/RW")
+        s["nonempty"] = b.op("Squeeze", [b.op("Greater", [s["R"], c("zero_1d", [0])], f"{p}/nonempty_1d"),
+                                         c("axes_0", [0])], f"{p}/nonempty")  # scalar bool: rows_g > 0
         if attention_layers:
             first_k = gname(state_names(attention_layers[0], "key")[0], g)
             cap = b.op("Shape", [first_k], f"{p}/capacity", start=3, end=4)  # [1]
@@ -177,8 +180,6 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
             s["flat_shape"] = b.op("Concat", [s["RW"], c("nHD", [nH * D])], f"{p}/flat_shape", axis=0)
         if mamba_layers:
             m = a.mamba
-            s["nonempty"] = b.op("Squeeze", [b.op("Greater", [s["R"], c("zero_1d", [0])], f"{p}/nonempty_1d"),
-                                             c("axes_0", [0])], f"{p}/nonempty")  # scalar bool: rows_g > 0
             pos_w = b.op("Range", [c("zero", 0), s["W0"], c("one", 1)], f"{p}/slot")  # [W]
             rows = b.op("Unsqueeze", [pos_w, c("axes_neg1", [-1])], f"{p}/slot_col")
             s["causal_incl"] = b.op("LessOrEqual", [pos_w, rows], f"{p}/causal_incl")  # [W(i), W(j)]: j <= i
@@ -231,6 +232,7 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
                 cache[part] = b.op("TensorScatter", [gname(names[0], g), upd, s["write"]], gname(names[1], g),
                                    axis=-1)
                 b.nodes[-1].name = f"{pg}/write_{part}"
+            body_start = len(b.nodes)  # the rest runs inside If(rows_g > 0), as the Mamba scan does
             # [kvH, G, R, W, D] -> [R, kvH, G, W, D]: at decode (W = 1) the scores are one matrix-vector
             # product per query head against K as in decoder_cpu (an M = G*W GEMM would pack K per head)
             qg = b.op("Transpose", [b.op("Gather", [q4, tok[g]], f"{pg}/q_slots", axis=2)], f"{pg}/q",
@@ -244,7 +246,8 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
             out_t = b.op("MatMul", [cache["value"], probs_t], f"{pg}/out_t")  # [R, kvH, D, G*W]
             out5 = b.op("Reshape", [out_t, s["o5_shape"]], f"{pg}/out5")  # [R, kvH, D, G, W]
             out5 = b.op("Transpose", [out5], f"{pg}/out5_t", perm=[0, 4, 1, 3, 2])  # [R, W, kvH, G, D]
-            outs.append(b.op("Reshape", [out5, s["flat_shape"]], f"{pg}/out_slots"))  # [R*W, nH*D]
+            y = b.op("Reshape", [out5, s["flat_shape"]], f"{pg}/out_slots_then")  # [R*W, nH*D]
+            outs.append(_gate(b, body_start, s["nonempty"], pg, [y], [np.zeros((0, nH * D), np.float32)]))
         slots = b.op("Concat", outs, f"{tag}/out_slots", axis=0)
         b.nodes.append(helper.make_node("Gather", [slots, unpad_2d], [merged.output[0]], name=f"{tag}/unpad", axis=0))
 
@@ -321,21 +324,8 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
             b.nodes.append(helper.make_node("Add", [kept, contrib], [f"{pg}/state_new"], name=f"{pg}/state_new"))
             y = b.op("Transpose", [y], f"{pg}/y_bl", perm=[0, 2, 1, 3])  # [R, W, nh, hd]
             y = b.op("Reshape", [y, s["y_shape"]], f"{pg}/y_slots_then")  # [R*W, I]
-            body = b.nodes[body_start:]
-            del b.nodes[body_start:]
-            then_branch = helper.make_graph(body, f"{pg}/then", [], [
-                helper.make_tensor_value_info(f"{pg}/state_new", TensorProto.FLOAT, None),
-                helper.make_tensor_value_info(y, TensorProto.FLOAT, None)])
-            empty_y = helper.make_tensor(f"{pg}/empty_y", TensorProto.FLOAT, [0, I], [])
-            else_branch = helper.make_graph([
-                helper.make_node("Identity", [sin], [f"{pg}/state_same"], name=f"{pg}/state_same"),
-                helper.make_node("Constant", [], [f"{pg}/y_empty"], name=f"{pg}/y_empty", value=empty_y)],
-                f"{pg}/else", [], [helper.make_tensor_value_info(f"{pg}/state_same", TensorProto.FLOAT, None),
-                                   helper.make_tensor_value_info(f"{pg}/y_empty", TensorProto.FLOAT, None)])
-            b.nodes.append(helper.make_node("If", [s["nonempty"]], [gname(ssm_out, g), f"{pg}/y_slots"],
-                                            name=f"{pg}/if_rows", then_branch=then_branch,
-                                            else_branch=else_branch))
-            outs.append(f"{pg}/y_slots")
+            outs.append(_gate(b, body_start, s["nonempty"], pg, [y, f"{pg}/state_new"],
+                              [np.zeros((0, I), np.float32), sin], [f"{pg}/y_slots", gname(ssm_out, g)]))
         slots = b.op("Concat", outs, f"{tag}/y_slots", axis=0)
         b.nodes.append(helper.make_node("Gather", [slots, unpad_2d], [y3.output[0]], name=f"{tag}/unpad", axis=0))
 
@@ -381,6 +371,33 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
     out_path = src.parent / out_name
     onnx.save_model(model, str(out_path))
     return out_path
+
+
+def _gate(b: _Builder, start: int, cond: str, tag: str, outs: list[str], empty: list, names=None) -> str:
+    """Move b.nodes[start:] into If(cond)'s then-branch, producing `outs`; the else-branch gives `empty`
+    (a zero-size array, or the name of a tensor to pass through). Returns the If's first output."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = b.nodes[start:]
+    del b.nodes[start:]
+    names = names or [f"{o}/gated" for o in outs]
+    else_nodes, else_outs = [], []
+    for k, e in enumerate(empty):
+        out = f"{tag}/else_{k}"
+        if isinstance(e, str):
+            else_nodes.append(helper.make_node("Identity", [e], [out], name=out))
+        else:
+            else_nodes.append(helper.make_node("Constant", [], [out], name=out,
+                                               value=numpy_helper.from_array(e, out)))
+        else_outs.append(out)
+
+    def sub(nodes, outputs, what):
+        return helper.make_graph(nodes, f"{tag}/{what}", [],
+                                 [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs])
+
+    b.nodes.append(helper.make_node("If", [cond], names, name=f"{tag}/if_rows",
+                                    then_branch=sub(body, outs, "then"), else_branch=sub(else_nodes, else_outs, "else")))
+    return names[0]
 
 
 def _reads(node) -> list[str]:

@@ -622,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-budget", type=int, default=None, metavar="N",
                    help="tokens per scheduler step: every decoding stream's token (and speculative draft) first, "
                         "then prompt chunks oldest first; prompts always get at least N/4. Bounds how long streams "
-                        "stall behind a new prompt (default, provisional: 32 on CPU, 512 on GPU)")
+                        "stall behind a new prompt (default: 32 on CPU, chosen by bench/bench_ragged.py, 512 on GPU); "
+                        "steps in which nothing decodes prefill up to max(N, 256) tokens")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="deprecated alias of --token-budget")
     p.add_argument("--speculative", choices=["ngram"], default=None,

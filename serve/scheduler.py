@@ -154,6 +154,10 @@ class Ticket:
 
 
 DEFAULT_TOKEN_BUDGET = 256
+# Steps in which nothing decodes have no stream to stall: prompts prefill up to this many tokens
+# (bench_ragged load at concurrency 1: a lone 300-token prompt took 7.8 s to its first token at a
+# budget of 32 a step, 5.6 s at main's 256-token idle chunks).
+IDLE_TOKEN_BUDGET = 256
 
 
 class Scheduler:
@@ -174,14 +178,16 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
         speculative: SpeculativeConfig | None = None,
         *,
+        idle_token_budget: int | None = None,
         prefill_chunk: int | None = None,
         idle_prefill_chunk: int | None = None,
     ):
         """``token_budget``: tokens per step (decodes, drafts, prompt chunks; see the module
         docstring); None: ``prefill_chunk`` if given, else DEFAULT_TOKEN_BUDGET (256).
         ``prefill_chunk`` is the old name of ``token_budget`` (kept as an alias: before the budget
-        it counted prompt tokens only). ``idle_prefill_chunk`` (deprecated): when given, the budget
-        of steps in which no sequence decodes is max(token_budget, idle_prefill_chunk).
+        it counted prompt tokens only). ``idle_token_budget``: the budget of steps in which no sequence
+        decodes (nothing to stall), at least ``token_budget``; None: max(token_budget,
+        IDLE_TOKEN_BUDGET). ``idle_prefill_chunk`` is its old name.
         ``speculative``: prompt-lookup speculative decoding (None: off); refused (ValueError) on an
         engine with recurrent state or without Chunk.all_logits."""
         self.engine = engine
@@ -192,7 +198,8 @@ class Scheduler:
         self.token_budget = int(budget) if budget is not None else DEFAULT_TOKEN_BUDGET
         if self.token_budget < 1:
             raise ValueError(f"token_budget: must be >= 1, got {self.token_budget}")
-        self.idle_token_budget = max(self.token_budget, int(idle_prefill_chunk or 0))
+        idle = idle_token_budget if idle_token_budget is not None else idle_prefill_chunk
+        self.idle_token_budget = max(self.token_budget, int(idle) if idle is not None else IDLE_TOKEN_BUDGET)
         # prompts get at least this much of every step, however many sequences decode or draft
         self.prefill_reserve = max(1, self.token_budget // 4)
         self.speculative = speculative.validate() if speculative is not None else None

@@ -321,18 +321,19 @@ def test_token_budget_plan(artifact, tokenizer, vocab):
     long_prompt = tuple(np.random.default_rng(1).integers(5, vocab, 60).tolist())
     requests = [Request(p, stopping=StoppingParams(max_new_tokens=30)) for p in prompts[:3]]
     requests.append(Request(long_prompt, stopping=StoppingParams(max_new_tokens=3)))
-    run(artifact, tokenizer, requests, speculative=SPEC, token_budget=8, engine=engine)
+    run(artifact, tokenizer, requests, speculative=SPEC, token_budget=8, idle_token_budget=8, engine=engine)
     totals = [sum(n for n, _ in step) for step in sizes]
     assert max(totals) <= 8  # at most 4 decodes: decodes + reserve (2) never exceed the budget here
     assert max(n for step in sizes for n, _ in step) > 1  # drafts or prompt chunks did fill steps
     long_chunks = [n for step in sizes for n, start in step if start < 60 and n > 1]
     assert sum(long_chunks) >= 60 - 8 and max(long_chunks) <= 8  # the long prompt went in budget-sized pieces
-    sizes.clear()
-    alone = Scheduler(engine, tokenizer, token_budget=16).start()  # nobody decodes: the whole budget
-    events = list(stream(alone, Request(long_prompt, stopping=StoppingParams(max_new_tokens=1))))
-    alone.shutdown()
-    assert events[-1].stop_reason == StopReason.MAX_TOKENS
-    assert [step[0][0] for step in sizes] == [16, 16, 16, 12]
+    for idle, expected in ((16, [16, 16, 16, 12]), (None, [60])):  # nobody decodes: the idle budget
+        sizes.clear()
+        alone = Scheduler(engine, tokenizer, token_budget=16, idle_token_budget=idle).start()
+        events = list(stream(alone, Request(long_prompt, stopping=StoppingParams(max_new_tokens=1))))
+        alone.shutdown()
+        assert events[-1].stop_reason == StopReason.MAX_TOKENS
+        assert [step[0][0] for step in sizes] == expected  # None: IDLE_TOKEN_BUDGET (256) covers it
     assert Scheduler(engine, tokenizer, prefill_chunk=5).token_budget == 5  # the old name is an alias
 
 

@@ -47,6 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from granite_deploy.demo import launch_server, wait_serving  # noqa: E402
 
 REPO = common.REPO
 RESULTS = common.CACHE / "results"
@@ -118,21 +119,10 @@ def launch(artifact: Path, args: list[str], code: Path | None = None, log: Path 
     env = dict(os.environ)
     if code is not None:
         env["PYTHONPATH"] = str(code) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "granite_deploy.cli", "serve", str(artifact), "--host", "127.0.0.1",
-           "--port", "0", "--skip-verify", *args]
     err = open(log, "w") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env,
-                            cwd="/tmp" if code is not None else None)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        m = re.search(r"serving .*? on (\S+:\d+)", line)
-        if m:
-            return proc, m.group(1)
-    proc.kill()
-    raise RuntimeError(f"server did not start: {' '.join(cmd)} (stderr in {log})")
+    proc = launch_server(artifact, "--skip-verify", *args, stderr=err, env=env,
+                         cwd="/tmp" if code is not None else None)
+    return proc, wait_serving(proc, timeout)[0]
 
 
 def stop(proc: subprocess.Popen) -> None:

@@ -22,14 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-from common import artifact_for, machine, random_checkpoint  # noqa: E402
-
-
-def rss_gib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
+from common import artifact_for, machine, random_checkpoint, rss_gib  # noqa: E402
 
 
 def prefill_ms(engine, ids, all_logits: bool, top_n: int = 5) -> tuple[float, float]:

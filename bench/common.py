@@ -213,6 +213,14 @@ def quantized_artifact(artifact: Path, method: str) -> Path:
         return _quantized_artifact(artifact, method)
 
 
+def rss_gib() -> float:
+    """This process's resident memory now (VmRSS), GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def peak_rss_gib() -> float:
     import resource
 

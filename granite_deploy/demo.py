@@ -21,12 +21,13 @@ def _say(msg: str) -> None:
     print(f"==> {msg}", flush=True)
 
 
-def launch_server(artifact: Path, *args: str, wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
+def launch_server(artifact: Path, *args: str, wrapper: tuple[str, ...] = (), stderr=subprocess.DEVNULL,
+                  env: dict | None = None, cwd: str | None = None) -> subprocess.Popen:
     """Start `granite-deploy serve ARTIFACT --host 127.0.0.1 --port 0 ARGS` (under `wrapper`, e.g.
     taskset, when given); wait_serving() then reads where it listens."""
     cmd = [*wrapper, sys.executable, "-m", "granite_deploy.cli", "serve", str(artifact), "--host", "127.0.0.1",
            "--port", "0", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=cwd)
 
 
 def wait_serving(proc: subprocess.Popen, timeout: float = 120.0, http: bool = False) -> tuple[str, str | None]:

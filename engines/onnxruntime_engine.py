@@ -310,6 +310,34 @@ class OnnxRuntimeEngine(Engine):
         self.slots.set_length(seq_id, length)
 
     # --- running --------------------------------------------------------------------------
+    def _bind_states(self, binding, rows: slice, group: int = 0) -> list:
+        """Bind every state tensor's rows `rows` as input and output (group 1 of the ragged graph
+        under its `group1.` names). Bound as both, the graph updates the rows in place (TensorScatter
+        for KV; the conv window). Outputs that read their input after writing would be unsafe to
+        alias, so those go to scratch rows; returns (buffer, scratch, rows) to copy back after the run."""
+        copy_back = []
+        for st in self.states:
+            name_in, name_out = ragged_state_name(st["input"], group), ragged_state_name(st["output"], group)
+            buf = self._buffers[st["input"]]
+            if st["in_place"]:
+                self.memory.bind(binding, name_in, buf, rows, name_out)
+            else:
+                scratch = self._scratch[st["input"]]
+                self.memory.bind(binding, name_in, buf, rows, name_out, out_buf=scratch)
+                copy_back.append((buf, scratch, rows))
+        return copy_back
+
+    def _run_bound(self, binding, copy_back: list) -> np.ndarray:
+        """Run the bound call, copy scratch rows back; the logits output."""
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise EngineError(f"ONNX Runtime step failed: {exc}") from exc
+        for buf, scratch, rows in copy_back:
+            for row in range(rows.start, rows.stop):
+                self.memory.copy(buf, row, scratch, row, None)
+        return binding.get_outputs()[0].numpy()
+
     def _run(self, call: Call, keep_last: bool = True) -> np.ndarray:
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # first, so it is get_outputs()[0]
@@ -317,26 +345,7 @@ class OnnxRuntimeEngine(Engine):
         binding.bind_cpu_input("position_ids", call.position_ids)
         if NUM_LOGITS_TO_KEEP in self._input_names:  # 1: the head runs on the last position only; 0: all
             binding.bind_cpu_input(NUM_LOGITS_TO_KEEP, np.array(1 if keep_last else 0, np.int64))
-        copy_back = []
-        for st in self.states:
-            # Bound as both input and output, the graph updates the rows in place (TensorScatter
-            # for KV; the conv window). Outputs that read their input after writing would be
-            # unsafe to alias, so those go to scratch rows and are copied back.
-            buf = self._buffers[st["input"]]
-            if st["in_place"]:
-                self.memory.bind(binding, st["input"], buf, call.rows, st["output"])
-            else:
-                scratch = self._scratch[st["input"]]
-                self.memory.bind(binding, st["input"], buf, call.rows, st["output"], out_buf=scratch)
-                copy_back.append((buf, scratch))
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:
-            raise EngineError(f"ONNX Runtime step failed: {exc}") from exc
-        for buf, scratch in copy_back:
-            for row in range(call.lo, call.hi):
-                self.memory.copy(buf, row, scratch, row, None)
-        return binding.get_outputs()[0].numpy()
+        return self._run_bound(binding, self._bind_states(binding, call.rows))
 
     def _run_ragged(self, call: RaggedCall) -> np.ndarray:
         """One call of the ragged graph: every group's state bound to its row range in place
@@ -351,27 +360,14 @@ class OnnxRuntimeEngine(Engine):
             binding.bind_cpu_input(f"group{g}.token_index", group.token_index)
             binding.bind_cpu_input(f"group{g}.position_ids", group.position_ids)
             binding.bind_cpu_input(f"group{g}.lengths", group.lengths)
-            for st in self.states:
-                name_in, name_out = ragged_state_name(st["input"], g), ragged_state_name(st["output"], g)
-                if group.lo >= self.max_batch:  # the spare row: an empty group's dummy
+            if group.lo >= self.max_batch:  # the spare row: an empty group's dummy state
+                for st in self.states:
                     buf, out = self._dummy[st["input"]]
-                    self.memory.bind(binding, name_in, buf, slice(0, 1), name_out, out_buf=out)
-                    continue
-                buf = self._buffers[st["input"]]
-                if st["in_place"]:
-                    self.memory.bind(binding, name_in, buf, group.rows, name_out)
-                else:
-                    scratch = self._scratch[st["input"]]
-                    self.memory.bind(binding, name_in, buf, group.rows, name_out, out_buf=scratch)
-                    copy_back.append((buf, scratch, group))
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:
-            raise EngineError(f"ONNX Runtime step failed: {exc}") from exc
-        for buf, scratch, group in copy_back:
-            for row in range(group.lo, group.hi):
-                self.memory.copy(buf, row, scratch, row, None)
-        return binding.get_outputs()[0].numpy()[0]
+                    self.memory.bind(binding, ragged_state_name(st["input"], g), buf, slice(0, 1),
+                                     ragged_state_name(st["output"], g), out_buf=out)
+            else:
+                copy_back += self._bind_states(binding, group.rows, g)
+        return self._run_bound(binding, copy_back)[0]
 
     def _step_ragged(self, chunks: list[Chunk]) -> np.ndarray:
         spare = None if RAGGED_ZERO_ROWS else self.max_batch

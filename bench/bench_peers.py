@@ -57,6 +57,8 @@ WIDTHS = {
     "int8": ("int8", "int8", "Q8_0", 8.5),
     "int4": ("int4", "int4", "Q4_0", 4.5),
 }
+# Our other methods at a width, each a row of its own (runtime kind `oursalt`) and a ratio row of its own.
+ALT_METHODS = {"int8": ("int8-dynamic",)}
 WIDTH_LABEL = {"fp32": "32-bit", "fp16": "16-bit", "int8": "8-bit", "int4": "4-bit"}
 COLUMNS = [("prefill_128", "prefill 128"), ("prefill_1024", "prefill 1024"),
            ("decode_b1_p128", "decode b1 (past 128)"), ("decode_b1_p1024", "decode b1 (past 1024)"),
@@ -414,8 +416,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="decode steps per measurement (median)")
     ap.add_argument("--repeats", type=int, default=2, help="llama-bench repetitions")
     ap.add_argument("--widths", default="fp32,fp16,int8,int4")
-    ap.add_argument("--runtimes", default="ours,ourscpu,ortgenai,llamacpp",
-                    help="ourscpu: our engine on the decoder_cpu graph, where the default is decoder_ragged")
+    ap.add_argument("--runtimes", default="ours,ourscpu,oursalt,ortgenai,llamacpp",
+                    help="ourscpu: our engine on the decoder_cpu graph, where the default is decoder_ragged; "
+                         "oursalt: our other quantisation methods at a width (ALT_METHODS)")
     ap.add_argument("--idle-load", type=float, default=1.5, help="wait for a 1-minute load average below this")
     ap.add_argument("--max-wait", type=float, default=90, help="longest wait for an idle machine, s")
     ap.add_argument("--lock", default="/tmp/granite-bench.lock", help="shared benchmark lock ('' for none)")
@@ -427,7 +430,8 @@ def main() -> None:
     if args.worker:
         kind, path, threads, steps = args.worker
         fn = {"ours": worker_ours, "ortgenai": worker_ortgenai,
-              "ourscpu": lambda *a: worker_ours(*a, graph="decoder_cpu")}[kind]
+              "ourscpu": lambda *a: worker_ours(*a, graph="decoder_cpu"),
+              "oursalt": worker_ours}[kind]
         res = fn(path, int(threads), int(steps))
         res["peak_rss_self_gib"] = _hwm_kib(os.getpid()) / 2**20
         print(json.dumps(res), flush=True)
@@ -442,6 +446,8 @@ def main() -> None:
         artifact = common.artifact_for(checkpoint)
         ours_art = {w: artifact if WIDTHS[w][0] is None else common.quantized_artifact(artifact, WIDTHS[w][0])
                     for w in widths if w != "fp16"}
+        alt_art = {(w, m): common.quantized_artifact(artifact, m) for w in widths for m in ALT_METHODS.get(w, ())
+                   if "oursalt" in runtimes}
 
     # Every model first (each step under the lock on its own), then the timed runs.
     plan = []  # (width, runtime label, kind, path)
@@ -455,6 +461,9 @@ def main() -> None:
 
             if "ourscpu" in runtimes and "decoder_ragged" in load_manifest(ours_art[w]).graphs:
                 plan.append((w, f"granite-deploy {w} decoder_cpu", "ourscpu", ours_art[w]))
+        for (aw, m), path in alt_art.items():
+            if aw == w:
+                plan.append((w, f"granite-deploy {m}", "oursalt", path))
         if "ortgenai" in runtimes and ogp:
             try:
                 plan.append((w, f"onnxruntime-genai {ogp}", "ortgenai", ortgenai_model(checkpoint, ogp, args.threads, lock)))
@@ -498,7 +507,7 @@ def main() -> None:
                 log(f"{label}: failed: {e}")
                 res = {"error": str(e)}
             if kind.startswith("ours") and "graph" in res:
-                label = f"granite-deploy {w} ({res['graph']})"
+                label = f"{label.split(' decoder_cpu')[0]} ({res['graph']})"
             res.update(width=w, label=label, kind=kind, load=load, seconds=time.perf_counter() - t)
             results.append(res)
 
@@ -519,12 +528,12 @@ def main() -> None:
     common.print_table("Side by side", header, rows)
 
     rows = []
-    for w in widths:
-        mine = next((r for r in results if r["width"] == w and r["kind"] == "ours"), None)
+    for w, kind in [(w, k) for w in widths for k in ("ours", "oursalt")]:
+        mine = next((r for r in results if r["width"] == w and r["kind"] == kind), None)
         peers = [r for r in results if r["width"] == w and not r["kind"].startswith("ours")]
         if not mine or not peers:
             continue
-        row = [WIDTH_LABEL[w]]
+        row = [WIDTH_LABEL[w] + ("" if kind == "ours" else f" ({mine['label'].split()[1]})")]
         for key, _ in COLUMNS:
             best = max(peers, key=lambda r: r.get(key, 0))
             row.append(f"{mine[key] / best[key]:.2f}x ({best['label'].split()[0]})" if key in mine and best.get(key)

@@ -37,6 +37,7 @@ from .io_spec import INPUT_IDS, POSITION_IDS, state_records
 DEFAULT_THRESHOLDS = {
     "int8": {"max_ppl_increase": 0.02, "min_greedy_agreement": 0.90},
     "int8-qdq": {"max_ppl_increase": 0.02, "min_greedy_agreement": 0.90},
+    "int8-dynamic": {"max_ppl_increase": 0.02, "min_greedy_agreement": 0.90},
     "int4": {"max_ppl_increase": 0.08, "min_greedy_agreement": 0.75},
 }
 DECODE_STEPS = 64

@@ -62,7 +62,14 @@ METHODS = {
     "int8": (8, "int8-weight-only"),
     "int4": (4, "int4-weight-only"),
     "int8-qdq": (8, "int8-qdq"),
+    "int8-dynamic": (8, "int8-dynamic"),
 }
+# int8-dynamic: every layer weight int8 per output channel in a standard-op integer GEMM (MatMulInteger),
+# its input quantised to uint8 per row at run time (_matmuls_to_dynamic). Measured on one full-width
+# layer's shapes (2-core Xeon with AMX, quiet host, 200-300 runs each, median ms; MatMulNBits 8-bit
+# block 128 / this): M=1 0.150/0.136 (qkv), 0.342/0.348 (gate+up), 0.207/0.179 (down); M=8 0.331/0.181,
+# 0.776/0.424, 0.432/0.231. The head and the tied embedding stay 8-bit MatMulNBits/GatherBlockQuantized
+# (one table).
 DEFAULT_BLOCK_SIZE = 32
 # int8 without --block-size: 128 weights per scale when every quantised weight's K divides by 128 (else 32).
 # Measured on the full-width 4-layer granite-4.0-1b slice (bench/ab_cpu.py, 2-core Xeon with AVX-512 VNNI,
@@ -70,7 +77,7 @@ DEFAULT_BLOCK_SIZE = 32
 # decode unchanged (27 vs 29 ms), 0.15 GiB less RSS; an 8-bit scale per 128 weights costs little accuracy.
 # int4 keeps 32 (the block onnxruntime-genai and llama.cpp's Q4_0 use): 128 was faster there too, but a
 # 4-bit step over 128 weights is coarse, and the gate on a real model decides (--block-size 128).
-DEFAULT_BLOCK_SIZE_BY_METHOD = {"int8": 128}
+DEFAULT_BLOCK_SIZE_BY_METHOD = {"int8": 128, "int8-dynamic": 128}
 DEFAULT_ACCURACY_LEVEL = 4
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -96,7 +103,8 @@ class GateFailed(QuantizeError, VerificationFailed):
 # --- inputs ----------------------------------------------------------------------------------
 def check_options(method: str, block_size: int | None, accuracy_level: int | None) -> int:
     if method not in METHODS:
-        raise QuantizeError(f"method: {method!r} is not one of {', '.join(METHODS)} (--int8, --int4, --int8-qdq)")
+        raise QuantizeError(f"method: {method!r} is not one of {', '.join(METHODS)} "
+                            "(--int8, --int4, --int8-qdq, --int8-dynamic)")
     if method == "int8-qdq":
         if block_size is not None:
             raise QuantizeError("--block-size: applies to --int8/--int4 only (--int8-qdq uses one scale per "
@@ -187,8 +195,65 @@ def _drop_unused_initializers(model) -> None:
     model.graph.initializer.extend(keep)
 
 
-def quantize_nbits(model, bits: int, block_size: int, accuracy_level: int | None, quantize_head: bool = True) -> dict:
-    """MatMulNBits for every MatMul with a constant weight (and the tied head + lookup). Returns what it did."""
+def _matmuls_to_dynamic(model, keep: set) -> list:
+    """Every MatMul(x, W) with a constant 2-D W not in `keep` becomes an integer GEMM over W rounded to int8
+    per output channel (symmetric), with x quantised at run time one row (token) at a time:
+
+        s = max|x| / 127 over the last axis;  xq = round(x / s) + 128  (uint8, zero point 128)
+        y = float(MatMulInteger(xq, Wq, 128)) * s * w_scale
+
+    Per row, not per tensor (com.microsoft.DynamicQuantizeMatMul's one scale for the whole input), so a
+    token's result does not depend on which other tokens share the step: the ragged step and the
+    per-request graph agree. uint8 x int8 is MLAS's VNNI/AMX integer GEMM (int8 x int8 was ~20x slower
+    in the same measurement). Returns the weights it replaced."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = _initializers(model)
+    consts = {"dyn8/axis": np.array([-1], np.int64), "dyn8/eps": np.float32(1e-12),
+              "dyn8/inv127": np.float32(1.0 / 127.0), "dyn8/offset": np.float32(128.0), "dyn8/zero": np.uint8(128)}
+    done, nodes = [], []
+    new_inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()]
+    for n in model.graph.node:
+        w = inits.get(n.input[1]) if n.op_type == "MatMul" and len(n.input) == 2 else None
+        if w is None or n.input[1] in keep or len(w.dims) != 2:
+            nodes.append(n)
+            continue
+        weight = _to_array(w).astype(np.float32)
+        scale = np.abs(weight).max(axis=0) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+        wq, ws = f"{n.input[1]}_i8", f"{n.input[1]}_i8_scale"
+        new_inits += [numpy_helper.from_array(q, wq), numpy_helper.from_array(scale, ws)]
+        p = f"{n.name or n.output[0]}/dyn8"
+        x = n.input[0]
+        nodes += [
+            helper.make_node("Abs", [x], [f"{p}/abs"], name=f"{p}/abs"),
+            helper.make_node("ReduceMax", [f"{p}/abs", "dyn8/axis"], [f"{p}/absmax"], name=f"{p}/absmax", keepdims=1),
+            helper.make_node("Max", [f"{p}/absmax", "dyn8/eps"], [f"{p}/absmax_eps"], name=f"{p}/absmax_eps"),
+            helper.make_node("Mul", [f"{p}/absmax_eps", "dyn8/inv127"], [f"{p}/scale"], name=f"{p}/scale"),
+            helper.make_node("Div", [x, f"{p}/scale"], [f"{p}/scaled"], name=f"{p}/scaled"),
+            helper.make_node("Round", [f"{p}/scaled"], [f"{p}/rounded"], name=f"{p}/rounded"),
+            helper.make_node("Add", [f"{p}/rounded", "dyn8/offset"], [f"{p}/shifted"], name=f"{p}/shifted"),
+            helper.make_node("Cast", [f"{p}/shifted"], [f"{p}/xq"], name=f"{p}/xq", to=TensorProto.UINT8),
+            helper.make_node("MatMulInteger", [f"{p}/xq", wq, "dyn8/zero"], [f"{p}/acc"], name=f"{p}/gemm"),
+            helper.make_node("Cast", [f"{p}/acc"], [f"{p}/acc_f"], name=f"{p}/acc_f", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{p}/acc_f", f"{p}/scale"], [f"{p}/row_scaled"], name=f"{p}/row_scaled"),
+            helper.make_node("Mul", [f"{p}/row_scaled", ws], list(n.output), name=f"{p}/out"),
+        ]
+        done.append(n.input[1])
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(new_inits)
+    _drop_unused_initializers(model)
+    return done
+
+
+def quantize_nbits(model, bits: int, block_size: int, accuracy_level: int | None, quantize_head: bool = True,
+                   dynamic_layers: bool = False) -> dict:
+    """MatMulNBits for every MatMul with a constant weight (and the tied head + lookup). Returns what it did.
+
+    dynamic_layers (int8-dynamic): every MatMul but the head becomes an int8 DynamicQuantizeMatMul first,
+    so MatMulNBits is left with the head (and the lookup sharing its table)."""
     from onnx import helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -197,6 +262,8 @@ def quantize_nbits(model, bits: int, block_size: int, accuracy_level: int | None
     embed_name = gemm.input[1] if gemm is not None else None
     head_out = _head_to_matmul(model, gemm) if (quantize_head and gemm is not None) else None
     weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in _initializers(model)]
+    if dynamic_layers:
+        _matmuls_to_dynamic(model, keep={HEAD_NAME})
 
     quant_logger = logging.getLogger("onnxruntime.quantization")
     old_level = quant_logger.level
@@ -417,7 +484,8 @@ def quantize(
             if method == "int8-qdq":
                 done = quantize_qdq(model, quantize_head)
             else:
-                done = quantize_nbits(model, bits, block_size, accuracy_level, quantize_head)
+                done = quantize_nbits(model, bits, block_size, accuracy_level, quantize_head,
+                                      dynamic_layers=method == "int8-dynamic")
             model = done.pop("model")
         with progress.step("writing the graph"):
             onnx_path, data_path = save_model(model, stage)
@@ -491,17 +559,26 @@ def quantize(
 
         quantization = {
             "method": method,
-            "algorithm": ("round-to-nearest, symmetric, blockwise along the input dimension "
+            "algorithm": ("round-to-nearest, symmetric, one scale per output channel for the layer weights "
+                          "(MatMulInteger over a per-row uint8 quantisation of the input); the head blockwise along the input dimension "
+                          "(MatMulNBitsQuantizer)" if method == "int8-dynamic" else
+                          "round-to-nearest, symmetric, blockwise along the input dimension "
                           "(onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer)"
                           if method != "int8-qdq" else
                           "round-to-nearest, symmetric, one scale per output channel, zero point 0; "
                           "DequantizeLinear(axis=1) -> MatMul (QuantizeLinear applied offline)"),
             "bits": bits,
             "block_size": block_size if method != "int8-qdq" else None,
-            "granularity": f"block of {block_size} along K" if method != "int8-qdq" else "per output channel",
+            "granularity": (f"per output channel (layers), block of {block_size} along K (head)"
+                            if method == "int8-dynamic" else
+                            f"block of {block_size} along K" if method != "int8-qdq" else "per output channel"),
             "symmetric": True,
             "weight_only": True,
-            "activations": (f"float32 in the graph; MatMulNBits accuracy_level {accuracy_level or 0} ("
+            "activations": ("float32 in the graph; each layer GEMM quantises its input to uint8 at run time, "
+                            "one symmetric scale per row (token), zero point 128; the head as MatMulNBits "
+                            "accuracy_level " + str(accuracy_level or 0)
+                            if method == "int8-dynamic" else
+                            f"float32 in the graph; MatMulNBits accuracy_level {accuracy_level or 0} ("
                             + ("int8 compute inside the kernel" if accuracy_level == 4 else "float compute") + ")"
                             if method != "int8-qdq" else "float32"),
             "accuracy_level": accuracy_level if method != "int8-qdq" else None,

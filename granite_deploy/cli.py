@@ -501,7 +501,8 @@ def _cmd_quantize(args) -> int:
     from .export.quantize import QuantizeError, quantize, summary
 
     _unwind_on_sigterm()
-    method = "int8" if args.int8 else "int4" if args.int4 else "int8-qdq"
+    method = ("int8" if args.int8 else "int4" if args.int4 else "int8-dynamic" if args.int8_dynamic
+              else "int8-qdq")
     try:
         out = quantize(args.artifact, args.output, method, block_size=args.block_size, calibration=args.calibration,
                        force=args.force, skip_gate=args.skip_gate, accuracy_level=args.accuracy_level,
@@ -715,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--int4", action="store_true", help="4-bit weight-only MatMulNBits (ONNX Runtime only)")
     how.add_argument("--int8-qdq", action="store_true",
                      help="int8 per-channel weights + DequantizeLinear, standard ops (TensorRT and ONNX Runtime)")
+    how.add_argument("--int8-dynamic", action="store_true",
+                     help="int8 per-channel weights, activations quantised at run time (DynamicQuantizeMatMul: "
+                          "integer GEMMs, fastest 8-bit batch and prefill on CPU; ONNX Runtime only)")
     p.add_argument("--block-size", type=int, default=None, help="weights per scale for --int8/--int4 (default 32; --int8: 128 when every weight's K divides by 128)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
                    help="MatMulNBits compute: 4 = int8 dot products (default, fast), 1 = fp32, 0 = unset")

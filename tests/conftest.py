@@ -71,6 +71,7 @@ def hybrid_fp16_artifact(hybrid_checkpoint, tmp_path_factory):
 QUANTIZE_TEST_GATE = {
     "int8": {"max_ppl_increase": 0.05, "min_greedy_agreement": 0.8},
     "int8-qdq": {"max_ppl_increase": 0.05, "min_greedy_agreement": 0.8},
+    "int8-dynamic": {"max_ppl_increase": 0.05, "min_greedy_agreement": 0.8},
     "int4": {"max_ppl_increase": 0.5, "min_greedy_agreement": 0.25},
 }
 

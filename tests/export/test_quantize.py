@@ -22,6 +22,7 @@ from granite_deploy.artifact import ArtifactError, verify
 GATE = {
     "int8": {"max_ppl_increase": 0.05, "min_greedy_agreement": 0.8},
     "int8-qdq": {"max_ppl_increase": 0.05, "min_greedy_agreement": 0.8},
+    "int8-dynamic": {"max_ppl_increase": 0.05, "min_greedy_agreement": 0.8},
     "int4": {"max_ppl_increase": 0.5, "min_greedy_agreement": 0.25},
 }
 PROMPTS = ["The capital of France is", "def add(a, b):", "Hello world! How are you",

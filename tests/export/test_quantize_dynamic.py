@@ -1,0 +1,73 @@
+"""`granite-deploy quantize --int8-dynamic`: int8 per-channel layer weights in integer GEMMs
+(MatMulInteger) over a per-row uint8 quantisation of the input, the head 8-bit MatMulNBits.
+
+What could go wrong and is checked: the graph is not what the manifest says (ops, weight bytes),
+it disagrees with fp32 beyond int8 noise, and a token's logits depend on which other tokens share
+the step (a per-tensor activation scale would do that; the ragged step batches every request into
+one tensor)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import QUANTIZE_TEST_GATE
+from granite_deploy.artifact import verify
+from test_quantize import _agreement, _prompt_ids
+
+
+@pytest.fixture(scope="module")
+def dynamic(tiny_fp32_artifact, tmp_path_factory):
+    from granite_deploy.export.quantize import quantize
+
+    out = tmp_path_factory.mktemp("dyn") / "int8-dynamic"
+    return quantize(tiny_fp32_artifact, out, "int8-dynamic", thresholds=QUANTIZE_TEST_GATE["int8-dynamic"])
+
+
+def test_manifest_ops_and_bytes(tiny_fp32_artifact, dynamic):
+    import onnx
+
+    manifest = verify(dynamic).to_dict()
+    src = json.loads((tiny_fp32_artifact / "manifest.json").read_text())
+    g = manifest["graphs"]["decoder"]
+    assert g["precision"] == "int8-dynamic" and g["engines"] == ["onnxruntime"]
+    assert g["op_domains"]["com.microsoft"] == ["GatherBlockQuantized", "MatMulNBits"]
+    assert "MatMulInteger" in g["op_domains"]["ai.onnx"] and "MatMul" not in g["op_domains"]["ai.onnx"]
+    q = manifest["quantization"]
+    assert q["method"] == "int8-dynamic" and q["bits"] == 8 and "per row" in q["activations"]
+    layers = src["architecture"]["num_layers"]
+    model = onnx.load(str(dynamic / g["file"]), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulInteger") == 4 * layers  # qkv, o, gate+up, down per layer
+    assert ops.count("MatMulNBits") == 1  # the head
+    int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8) == 4 * layers
+    weights = sum(manifest["files"][n]["bytes"] for n in g["external_data"])
+    fp32_weights = sum(src["files"][n]["bytes"] for n in src["graphs"]["decoder"]["external_data"])
+    assert weights < 0.4 * fp32_weights
+    assert manifest["accuracy"]["passed"] and manifest["accuracy"]["gate"] == "enforced"
+
+
+def test_agrees_with_fp32(tiny_fp32_artifact, dynamic):
+    # Teacher-forced over 4 prompts x 16 steps; measured 60/64 (MatMulNBits int8 59/64).
+    agree, total = _agreement(tiny_fp32_artifact, dynamic)
+    assert total == 64 and agree >= 52, f"{agree}/{total}"
+
+
+@pytest.mark.parametrize("graph", ["decoder_cpu", "decoder_ragged"])
+def test_token_logits_do_not_depend_on_batch_mates(tiny_fp32_artifact, dynamic, graph):
+    from granite_deploy.engines.base import Chunk
+    from granite_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    a, b = _prompt_ids(tiny_fp32_artifact)[:2]
+    alone = OnnxRuntimeEngine(dynamic, max_batch=2, max_seq_len=128, threads=1, graph=graph)
+    alone.reserve(0)
+    ref = alone.step([Chunk(0, tuple(a), 0)])[0]
+    together = OnnxRuntimeEngine(dynamic, max_batch=2, max_seq_len=128, threads=1, graph=graph)
+    together.reserve(0)
+    together.reserve(1)
+    # A different, longer prompt shares the step (and, in the ragged graph, the same flat tensor).
+    got = together.step([Chunk(1, tuple(b) * 3, 0), Chunk(0, tuple(a), 0)])
+    np.testing.assert_allclose(got[1], ref, rtol=0, atol=1e-4)

@@ -48,6 +48,10 @@ def test_manifest_ops_and_bytes(tiny_fp32_artifact, dynamic):
     fp32_weights = sum(src["files"][n]["bytes"] for n in src["graphs"]["decoder"]["external_data"])
     assert weights < 0.4 * fp32_weights
     assert manifest["accuracy"]["passed"] and manifest["accuracy"]["gate"] == "enforced"
+    # The derived flavours were checked against the graph they came from in float compute, to float rounding.
+    for flavour in ("decoder_cpu", "decoder_ragged"):
+        check = manifest["graphs"][flavour]["validation"]
+        assert check["passed"] and check["max_abs_logit_diff"] < 1e-3 and "int8-dynamic" in check["note"]
 
 
 def test_agrees_with_fp32(tiny_fp32_artifact, dynamic):

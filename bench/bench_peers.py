@@ -360,15 +360,17 @@ def worker_ortgenai(model: str, threads: int, steps: int) -> dict:
 
 def measure_llamacpp(src: Path, model: Path, threads: int, steps: int, repeats: int) -> dict:
     """llama-bench and llama-batched-bench. Weight repacking (llama.cpp's default) is tried first; where it
-    dies with SIGILL (the 01:00 UTC 2026-12-02 host: Q8_0/Q4_0 repacking on its AVX-512/AMX Xeon VM) the
-    whole measurement is redone with repacking off, and the result says so."""
+    dies with SIGILL or SIGSEGV (the 2026-12-02 hosts: Q8_0/Q4_0 repacking on their AVX-512/AMX Xeon VMs)
+    the whole measurement is redone with repacking off, and the result says so."""
     try:
         return _measure_llamacpp(src, model, threads, steps, repeats, repack=True)
     except RuntimeError as e:
-        if "exited with -4" not in str(e):
+        signal = next((name for code, name in (("-4", "SIGILL"), ("-11", "SIGSEGV")) if f"exited with {code}" in str(e)),
+                      None)
+        if signal is None:
             raise
-        log(f"llama.cpp {model.name}: SIGILL with weight repacking; measuring with --repack 0 / --no-repack")
-        return {**_measure_llamacpp(src, model, threads, steps, repeats, repack=False), "repack": "off (SIGILL)"}
+        log(f"llama.cpp {model.name}: {signal} with weight repacking; measuring with --repack 0 / --no-repack")
+        return {**_measure_llamacpp(src, model, threads, steps, repeats, repack=False), "repack": f"off ({signal})"}
 
 
 def _measure_llamacpp(src: Path, model: Path, threads: int, steps: int, repeats: int, repack: bool) -> dict:
@@ -497,7 +499,7 @@ def main() -> None:
                 if kind == "llamacpp":
                     res = measure_llamacpp(llama_cpp_dir(), path, args.threads, args.steps, args.repeats)
                     if "repack" in res:
-                        label = f"{label} (repack off: SIGILL)"
+                        label = f"{label} (repack {res['repack']})"
                 else:
                     py = MAIN_PYTHON if kind.startswith("ours") else str(peer_python())
                     out, rss = run_child([py, __file__, "--worker", kind, str(path), str(args.threads), str(args.steps)])

@@ -27,6 +27,7 @@ half-precision graphs are for GPUs.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
 
@@ -192,6 +193,10 @@ def cpu_graph_record(portable: GraphRecord, cpu_path: Path, arch, validation: di
 PARITY_MAX_ABS_DIFF = 1e-3
 
 
+# Node-name suffix of export/quantize.py's int8-dynamic GEMM chains, which to_float_compute finds by name.
+DYNAMIC_GEMM = "/dyn8"
+
+
 def to_float_compute(model) -> bool:
     """Make a quantized graph compute in float where it rounds its activations, in place; True if it did.
 
@@ -210,7 +215,7 @@ def to_float_compute(model) -> bool:
     nodes = {n.name: n for n in model.graph.node}
     rewritten = []
     for n in model.graph.node:
-        if not (n.op_type == "MatMulInteger" and n.name.endswith("/dyn8/gemm")):
+        if not (n.op_type == "MatMulInteger" and n.name.endswith(f"{DYNAMIC_GEMM}/gemm")):
             rewritten.append(n)
             continue
         p = n.name[: -len("/gemm")]
@@ -226,6 +231,24 @@ def to_float_compute(model) -> bool:
     return changed
 
 
+@contextmanager
+def float_compute_copy(path: Path):
+    """The graph at path, or a temporary copy next to it computing in float (cpu_graph.to_float_compute)."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    if not to_float_compute(model):
+        yield path, False
+        return
+    run_path = path.parent / f".check-{path.name}"
+    onnx.save_model(model, str(run_path))
+    try:
+        yield run_path, True
+    finally:
+        run_path.unlink(missing_ok=True)
+
+
 def check_against_portable(portable: Path, cpu: Path, arch, prompt_lens=(5, 19), decode_steps: int = 8,
                            seed: int = 0) -> dict:
     """Run both graphs on the same random tokens (prefill + decode through the cache); the manifest record.
@@ -236,7 +259,6 @@ def check_against_portable(portable: Path, cpu: Path, arch, prompt_lens=(5, 19),
     into differences of ~0.1 in logits; so this check runs copies of both graphs with
     accuracy_level 0 (float compute), where they must agree to float rounding.
     """
-    import onnx
     import onnxruntime as ort
 
     from .validate import run_graph_teacher_forced
@@ -247,20 +269,12 @@ def check_against_portable(portable: Path, cpu: Path, arch, prompt_lens=(5, 19),
     options.log_severity_level = 3
     logits, float_compute = [], False
     for path, head_dim_major in ((portable, False), (cpu, True)):
-        model = onnx.load(str(path), load_external_data=False)
-        run_path = path
-        if to_float_compute(model):  # a temporary copy next to it, so the external data still resolves
-            float_compute = True
-            run_path = path.parent / f".check-{path.name}"
-            onnx.save_model(model, str(run_path))
-        try:
+        with float_compute_copy(path) as (run_path, changed):  # a copy next to it: external data resolves
+            float_compute |= changed
             session = ort.InferenceSession(str(run_path), options, providers=["CPUExecutionProvider"])
             logits.append(run_graph_teacher_forced(session, arch, sequences, list(prompt_lens),
                                                    head_dim_major=head_dim_major))
             del session
-        finally:
-            if run_path != path:
-                run_path.unlink()
     max_diff = max(float(np.abs(a - b).max()) for a, b in zip(*logits))
     agree = float(np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(*logits)])))
     record = {

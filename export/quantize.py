@@ -54,7 +54,7 @@ from ..errors import GraniteDeployError, VerificationFailed
 from ..artifact import (MANIFEST, ArtifactError, BadArtifactPath, file_records, load_manifest, staging_dir, verify,
                         write_manifest)
 from ..manifest import DECODER, DECODER_CPU, DECODER_RAGGED, KV_LAYOUT_IN_PLACE, Manifest
-from .cpu_graph import check_against_portable, cpu_graph_record, derive_cpu_graph
+from .cpu_graph import DYNAMIC_GEMM, check_against_portable, cpu_graph_record, derive_cpu_graph
 from .ragged_graph import derive_checked, ragged_graph_record
 
 METHODS = {
@@ -224,7 +224,7 @@ def _matmuls_to_dynamic(model, keep: set) -> list:
         q = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
         wq, ws = f"{n.input[1]}_i8", f"{n.input[1]}_i8_scale"
         new_inits += [numpy_helper.from_array(q, wq), numpy_helper.from_array(scale, ws)]
-        p = f"{n.name or n.output[0]}/dyn8"
+        p = f"{n.name or n.output[0]}{DYNAMIC_GEMM}"
         x = n.input[0]
         nodes += [
             helper.make_node("Abs", [x], [f"{p}/abs"], name=f"{p}/abs"),

@@ -44,7 +44,6 @@ a [0, 0] token_index fails (the write-index Gather reads column 0).
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
 
@@ -59,6 +58,7 @@ from ..manifest import (
     ragged_state_name,
     tensor_records,
 )
+from .cpu_graph import float_compute_copy
 from .io_spec import (
     CPU_CACHE_LAYOUT,
     INPUT_IDS,
@@ -512,26 +512,6 @@ def ragged_feeds(groups, logits: str = "all") -> dict:
     feeds[UNPAD_INDEX] = np.array(slot_of, np.int64)
     feeds[LOGITS_INDEX] = np.arange(len(ids), dtype=np.int64) if logits == "all" else np.array(last, np.int64)
     return feeds
-
-
-@contextmanager
-def float_compute_copy(path: Path):
-    """The graph at path, or a temporary copy next to it computing in float (cpu_graph.to_float_compute)."""
-    import onnx
-
-    from .cpu_graph import to_float_compute
-
-    path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    if not to_float_compute(model):
-        yield path, False
-        return
-    run_path = path.parent / f".check-{path.name}"
-    onnx.save_model(model, str(run_path))
-    try:
-        yield run_path, True
-    finally:
-        run_path.unlink(missing_ok=True)
 
 
 def _session(path):

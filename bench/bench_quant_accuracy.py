@@ -1,7 +1,7 @@
 """Quantization accuracy on a small *trained* Granite-architecture model (not the real 1B).
 
 Trains (or reuses) the model of `train_tiny_granite.py`, exports it to an fp32 artifact (validated
-against PyTorch), quantizes it with `--int8`, `--int4` and `--int8-qdq`, and prints one table:
+against PyTorch), quantizes it with `--int8`, `--int8-dynamic`, `--int4` and `--int8-qdq`, and prints one table:
 perplexity on the held-out stdlib docstrings (fp32 vs each, % increase), teacher-forced greedy
 agreement with fp32 over 64 decode steps on the gate's fixed prompts, mean KL, whether the default
 gate thresholds pass, graph size and ONNX Runtime CPU decode speed (batch 1), plus the machine.
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_tiny_granite  # noqa: E402
 
-METHODS = ("int8", "int4", "int8-qdq")
+METHODS = ("int8", "int8-dynamic", "int4", "int8-qdq")
 
 
 def machine() -> str:
@@ -94,7 +94,8 @@ def main() -> int:
         t = time.perf_counter()
         out = quantize(fp32, work / method, method, calibration=heldout, force=True, skip_gate=True,
                        ppl_max_tokens=args.ppl_tokens)
-        m = load_manifest(out).extra  # accuracy, quantization records
+        manifest = load_manifest(out)
+        m = {**manifest.extra, "precision": manifest.graph("decoder").precision}  # accuracy, quantization records
         rows.append((method, out, m, time.perf_counter() - t))
     speed = decode_speeds({"fp32": fp32, **{method: out for method, out, _, _ in rows}}, args.threads)
 
@@ -116,7 +117,7 @@ def main() -> int:
         a = m["accuracy"]
         p, gr, th = a["perplexity"], a["greedy"], a["thresholds"]
         gate = "pass" if a["passed"] else "FAIL"
-        print(f"| {method} ({m['graphs']['decoder']['precision']}) | {graph_mib(out):.1f} | {p['quantized']:.3f} | "
+        print(f"| {method} ({m['precision']}) | {graph_mib(out):.1f} | {p['quantized']:.3f} | "
               f"{p['relative_increase']:+.2%} | {gr['agreement']:.1%} ({round(gr['agreement'] * gr['positions'])}/"
               f"{gr['positions']}) | {gr['mean_kl_nats']:.4f} | {gate} (ppl <= +{th['max_ppl_increase']:.0%}, "
               f"agree >= {th['min_greedy_agreement']:.0%}) | {speed[method]:.0f} |")

@@ -252,8 +252,8 @@ def quantize_nbits(model, bits: int, block_size: int, accuracy_level: int | None
                    dynamic_layers: bool = False) -> dict:
     """MatMulNBits for every MatMul with a constant weight (and the tied head + lookup). Returns what it did.
 
-    dynamic_layers (int8-dynamic): every MatMul but the head becomes an int8 DynamicQuantizeMatMul first,
-    so MatMulNBits is left with the head (and the lookup sharing its table)."""
+    dynamic_layers (int8-dynamic): every MatMul but the head first becomes a per-row dynamic int8 GEMM
+    (`_matmuls_to_dynamic`), so MatMulNBits is left with the head (and the lookup sharing its table)."""
     from onnx import helper
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -573,7 +573,7 @@ def quantize(
                             if method == "int8-dynamic" else
                             f"block of {block_size} along K" if method != "int8-qdq" else "per output channel"),
             "symmetric": True,
-            "weight_only": True,
+            "weight_only": method != "int8-dynamic",  # int8-dynamic quantises activations too
             "activations": ("float32 in the graph; each layer GEMM quantises its input to uint8 at run time, "
                             "one symmetric scale per row (token), zero point 128; the head as MatMulNBits "
                             "accuracy_level " + str(accuracy_level or 0)
@@ -590,6 +590,9 @@ def quantize(
                              "MatMulNBits (session option session.qdq_matmulnbits_accuracy_level, default 4); "
                              "TensorRT reads the Q/DQ graph as explicit INT8 weights"
                              if method == "int8-qdq" else
+                             "each layer GEMM is MatMulInteger (uint8 x int8: MLAS's VNNI/AMX integer kernels); "
+                             "the per-row quantisation of its input is standard elementwise ops"
+                             if method == "int8-dynamic" else
                              "accuracy_level 4 quantizes each MatMulNBits input per block to int8 inside the "
                              "kernel; 0/1 keep float compute (8-bit MatMulNBits with float compute measured "
                              "~17x slower than float32 MatMul for the 1B head on an AVX-512 CPU)"),

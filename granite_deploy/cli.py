@@ -717,9 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--int8-qdq", action="store_true",
                      help="int8 per-channel weights + DequantizeLinear, standard ops (TensorRT and ONNX Runtime)")
     how.add_argument("--int8-dynamic", action="store_true",
-                     help="int8 per-channel weights, activations quantised at run time (DynamicQuantizeMatMul: "
+                     help="int8 per-channel weights, activations quantised per token at run time (MatMulInteger: "
                           "integer GEMMs, fastest 8-bit batch and prefill on CPU; ONNX Runtime only)")
-    p.add_argument("--block-size", type=int, default=None, help="weights per scale for --int8/--int4 (default 32; --int8: 128 when every weight's K divides by 128)")
+    p.add_argument("--block-size", type=int, default=None, help="weights per scale for --int8/--int4 (default 32; --int8: 128 when every weight's K divides by 128; "
+                        "--int8-dynamic: its head only)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 4],
                    help="MatMulNBits compute: 4 = int8 dot products (default, fast), 1 = fp32, 0 = unset")
     p.add_argument("--calibration", help="held-out UTF-8 text file for the perplexity gate (default: built-in sample)")

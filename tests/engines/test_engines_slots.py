@@ -173,3 +173,26 @@ def test_cuda_memory_address_arithmetic_matches_host_copies(shape, axis):
     row_bytes = int(np.prod(shape)) * 4
     assert bound == [("in", "past", "cuda", (2, *shape), d_dst.ptr + row_bytes),
                      ("out", "present", "cuda", (2, *shape), d_dst.ptr + row_bytes)]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_host_cache_buffers_are_resident_only_where_written():
+    """A [max_batch, ..., capacity] KV buffer costs memory for the rows and positions written,
+    not for its whole shape (HostMemory.zeros: an anonymous mapping, whatever glibc's
+    mmap threshold is after earlier frees)."""
+    mem = HostMemory()
+    for _ in range(3):  # free buffers of the size first: glibc then serves np.zeros from the heap
+        mem.zeros((8, 4, 64, 4096), np.float32)
+    row = np.ones((1, 4, 64, 4096), np.float32)
+    before = _rss_bytes()
+    buf = mem.zeros((8, 4, 64, 4096), np.float32)  # 32 MiB
+    assert buf.shape == (8, 4, 64, 4096) and buf.dtype == np.float32 and buf.flags.writeable
+    assert _rss_bytes() - before < 4 << 20
+    mem.copy(buf, 2, row, 0, 2, n=4096)  # one row: 4 MiB
+    grown = _rss_bytes() - before
+    assert 4 << 20 <= grown < 6 << 20
+    assert buf[2].min() == 1.0 and buf[[0, 1, 3, 4, 5, 6, 7]].max() == 0.0

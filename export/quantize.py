@@ -104,7 +104,7 @@ class GateFailed(QuantizeError, VerificationFailed):
 def check_options(method: str, block_size: int | None, accuracy_level: int | None) -> int:
     if method not in METHODS:
         raise QuantizeError(f"method: {method!r} is not one of {', '.join(METHODS)} "
-                            "(--int8, --int4, --int8-qdq, --int8-dynamic)")
+                            "(CLI: --int8 / --int8-dynamic, --int8-weight-only, --int4, --int8-qdq)")
     if method == "int8-qdq":
         if block_size is not None:
             raise QuantizeError("--block-size: applies to --int8/--int4 only (--int8-qdq uses one scale per "
@@ -195,9 +195,18 @@ def _drop_unused_initializers(model) -> None:
     model.graph.initializer.extend(keep)
 
 
+# 7-bit weights: on x86 CPUs without VNNI (AVX2, e.g. AMD Zen 2) MLAS's uint8 x int8 kernel multiplies with
+# vpmaddubsw, which adds two u8*s8 products into a saturating int16: 255*127*2 overflows it and wrecked
+# the result (greedy agreement 58% on the tiny test model, a 64-term dot product of 255s and 127s gave 8160
+# instead of 1032256); 255*63*2 fits. ONNX Runtime's quantiser calls this reduce_range. VNNI/AMX hosts
+# would not need it, but the artifact does not know where it will run.
+DYNAMIC_WEIGHT_QMAX = 63
+
+
 def _matmuls_to_dynamic(model, keep: set) -> list:
-    """Every MatMul(x, W) with a constant 2-D W not in `keep` becomes an integer GEMM over W rounded to int8
-    per output channel (symmetric), with x quantised at run time one row (token) at a time:
+    """Every MatMul(x, W) with a constant 2-D W not in `keep` becomes an integer GEMM over W rounded to
+    [-63, 63] per output channel (symmetric; DYNAMIC_WEIGHT_QMAX), with x quantised at run time one row
+    (token) at a time:
 
         s = max|x| / 127 over the last axis;  xq = round(x / s) + 128  (uint8, zero point 128)
         y = float(MatMulInteger(xq, Wq, 128)) * s * w_scale
@@ -219,9 +228,9 @@ def _matmuls_to_dynamic(model, keep: set) -> list:
             nodes.append(n)
             continue
         weight = _to_array(w).astype(np.float32)
-        scale = np.abs(weight).max(axis=0) / 127.0
+        scale = np.abs(weight).max(axis=0) / DYNAMIC_WEIGHT_QMAX
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        q = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+        q = np.clip(np.rint(weight / scale), -DYNAMIC_WEIGHT_QMAX, DYNAMIC_WEIGHT_QMAX).astype(np.int8)
         wq, ws = f"{n.input[1]}_i8", f"{n.input[1]}_i8_scale"
         new_inits += [numpy_helper.from_array(q, wq), numpy_helper.from_array(scale, ws)]
         p = f"{n.name or n.output[0]}{DYNAMIC_GEMM}"

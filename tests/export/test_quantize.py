@@ -229,7 +229,7 @@ def test_calibration_text_and_cli(fp32_artifact, tmp_path, capsys):
     text = tmp_path / "heldout.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40 + "def add(a, b):\n    return a + b\n" * 10)
     out = tmp_path / "int8"
-    rc = main(["quantize", str(fp32_artifact), "--output", str(out), "--int8", "--block-size", "16",
+    rc = main(["quantize", str(fp32_artifact), "--output", str(out), "--int8-weight-only", "--block-size", "16",
                "--calibration", str(text), "--min-agreement", "0.8", "--max-ppl-increase", "0.05"])
     assert rc == 0, capsys.readouterr().err
     assert "int8-weight-only" in capsys.readouterr().out

@@ -44,6 +44,11 @@ def test_manifest_ops_and_bytes(tiny_fp32_artifact, dynamic):
     assert ops.count("MatMulNBits") == 1  # the head
     int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(int8) == 4 * layers
+    # 7-bit range: a full-range int8 weight overflows the int16 pair sums of the non-VNNI x86 kernel.
+    full = onnx.load(str(dynamic / g["file"]))
+    peaks = [int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
+             for t in full.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(peaks) == 4 * layers and set(peaks) == {63}
     weights = sum(manifest["files"][n]["bytes"] for n in g["external_data"])
     fp32_weights = sum(src["files"][n]["bytes"] for n in src["graphs"]["decoder"]["external_data"])
     assert weights < 0.4 * fp32_weights
@@ -75,3 +80,22 @@ def test_token_logits_do_not_depend_on_batch_mates(tiny_fp32_artifact, dynamic, 
     # A different, longer prompt shares the step (and, in the ragged graph, the same flat tensor).
     got = together.step([Chunk(1, tuple(b) * 3, 0), Chunk(0, tuple(a), 0)])
     np.testing.assert_allclose(got[1], ref, rtol=0, atol=1e-4)
+
+
+def test_cli_int8_is_the_dynamic_form_and_weight_only_stays_available(tiny_fp32_artifact, tmp_path, capsys):
+    """`quantize --int8` writes this method (the fastest 8-bit form on CPU); `--int8-weight-only`
+    the MatMulNBits one; giving both is a usage error."""
+    from granite_deploy.cli import main
+
+    gate = ["--min-agreement", "0.8", "--max-ppl-increase", "0.05"]
+    for flag, precision, gemm in (("--int8", "int8-dynamic", "MatMulInteger"),
+                                  ("--int8-weight-only", "int8-weight-only", "MatMulNBits")):
+        out = tmp_path / flag.strip("-")
+        assert main(["quantize", str(tiny_fp32_artifact), "--output", str(out), flag, *gate]) == 0, capsys.readouterr().err
+        manifest = json.loads((out / "manifest.json").read_text())
+        decoder = manifest["graphs"]["decoder"]
+        assert decoder["precision"] == precision
+        assert gemm in {op for ops in decoder["op_domains"].values() for op in ops}
+    with pytest.raises(SystemExit) as exc:
+        main(["quantize", str(tiny_fp32_artifact), "--output", str(tmp_path / "x"), "--int8", "--int8-weight-only"])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()

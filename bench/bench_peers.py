@@ -2,7 +2,8 @@
 
 The same random full-size checkpoint (bench/common.py) goes through each runtime's own
 tool chain:
-  * ours: `granite-deploy export` (fp32) and `granite-deploy quantize` (int8, int4),
+  * ours: `granite-deploy export` (fp32) and `granite-deploy quantize` (--int8, which is int8-dynamic;
+    --int8-weight-only as a row of its own; --int4),
     the graph the engine picks on CPU (`decoder_ragged` where the artifact has it, else
     `decoder_cpu`), and (runtime `ourscpu`) the `decoder_cpu` graph next to a ragged default;
   * onnxruntime-genai: its model builder, `-p fp32|int8|int4 -e cpu`;
@@ -54,11 +55,12 @@ MAIN_PYTHON = sys.executable
 WIDTHS = {
     "fp32": (None, "fp32", None, 32.0),
     "fp16": (None, None, "F16", 16.0),
-    "int8": ("int8", "int8", "Q8_0", 8.5),
+    "int8": ("int8-dynamic", "int8", "Q8_0", 8.5),  # what `quantize --int8` makes
     "int4": ("int4", "int4", "Q4_0", 4.5),
 }
 # Our other methods at a width, each a row of its own (runtime kind `oursalt`) and a ratio row of its own.
-ALT_METHODS = {"int8": ("int8-dynamic",)}
+ALT_METHODS = {"int8": ("int8",)}
+ALT_LABEL = {"int8": "int8-weight-only"}  # by the quantize flag that makes it
 WIDTH_LABEL = {"fp32": "32-bit", "fp16": "16-bit", "int8": "8-bit", "int4": "4-bit"}
 COLUMNS = [("prefill_128", "prefill 128"), ("prefill_1024", "prefill 1024"),
            ("decode_b1_p128", "decode b1 (past 128)"), ("decode_b1_p1024", "decode b1 (past 1024)"),
@@ -465,7 +467,7 @@ def main() -> None:
                 plan.append((w, f"granite-deploy {w} decoder_cpu", "ourscpu", ours_art[w]))
         for (aw, m), path in alt_art.items():
             if aw == w:
-                plan.append((w, f"granite-deploy {m}", "oursalt", path))
+                plan.append((w, f"granite-deploy {ALT_LABEL.get(m, m)}", "oursalt", path))
         if "ortgenai" in runtimes and ogp:
             try:
                 plan.append((w, f"onnxruntime-genai {ogp}", "ortgenai", ortgenai_model(checkpoint, ogp, args.threads, lock)))

@@ -74,6 +74,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="ONNX Runtime threads for the speed column (default 1: at 2.9 M params a step is mostly "
                          "per-op overhead, and extra threads only add synchronisation)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     ap.add_argument("--work", type=Path, default=None, help="artifact folder (default: <checkpoint>-artifacts)")
     args = ap.parse_args()
 
@@ -90,7 +91,7 @@ def main() -> int:
     v = load_manifest(fp32).validation
 
     rows = []
-    for method in METHODS:
+    for method in args.methods.split(","):
         t = time.perf_counter()
         out = quantize(fp32, work / method, method, calibration=heldout, force=True, skip_gate=True,
                        ppl_max_tokens=args.ppl_tokens)

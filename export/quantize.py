@@ -208,8 +208,8 @@ def _matmuls_to_dynamic(model, keep: set) -> list:
     [-63, 63] per output channel (symmetric; DYNAMIC_WEIGHT_QMAX), with x quantised at run time one row
     (token) at a time:
 
-        s = max|x| / 127 over the last axis;  xq = round(x / s) + 128  (uint8, zero point 128)
-        y = float(MatMulInteger(xq, Wq, 128)) * s * w_scale
+        s = max|x| / 127 over the last axis;  xq = QuantizeLinear(x, s, 128)  (uint8, the row as one block)
+        y = DequantizeLinear(MatMulInteger(xq, Wq, 128), s) * w_scale  (int32 accumulators, the row as one block)
 
     Per row, not per tensor (com.microsoft.DynamicQuantizeMatMul's one scale for the whole input), so a
     token's result does not depend on which other tokens share the step: the ragged step and the
@@ -219,7 +219,7 @@ def _matmuls_to_dynamic(model, keep: set) -> list:
 
     inits = _initializers(model)
     consts = {"dyn8/axis": np.array([-1], np.int64), "dyn8/eps": np.float32(1e-12),
-              "dyn8/inv127": np.float32(1.0 / 127.0), "dyn8/offset": np.float32(128.0), "dyn8/zero": np.uint8(128)}
+              "dyn8/inv127": np.float32(1.0 / 127.0), "dyn8/zero": np.uint8(128)}
     done, nodes = [], []
     new_inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()]
     for n in model.graph.node:
@@ -235,18 +235,22 @@ def _matmuls_to_dynamic(model, keep: set) -> list:
         new_inits += [numpy_helper.from_array(q, wq), numpy_helper.from_array(scale, ws)]
         p = f"{n.name or n.output[0]}{DYNAMIC_GEMM}"
         x = n.input[0]
+        k_in, n_out = (int(d) for d in w.dims)
         nodes += [
             helper.make_node("Abs", [x], [f"{p}/abs"], name=f"{p}/abs"),
             helper.make_node("ReduceMax", [f"{p}/abs", "dyn8/axis"], [f"{p}/absmax"], name=f"{p}/absmax", keepdims=1),
             helper.make_node("Max", [f"{p}/absmax", "dyn8/eps"], [f"{p}/absmax_eps"], name=f"{p}/absmax_eps"),
             helper.make_node("Mul", [f"{p}/absmax_eps", "dyn8/inv127"], [f"{p}/scale"], name=f"{p}/scale"),
-            helper.make_node("Div", [x, f"{p}/scale"], [f"{p}/scaled"], name=f"{p}/scaled"),
-            helper.make_node("Round", [f"{p}/scaled"], [f"{p}/rounded"], name=f"{p}/rounded"),
-            helper.make_node("Add", [f"{p}/rounded", "dyn8/offset"], [f"{p}/shifted"], name=f"{p}/shifted"),
-            helper.make_node("Cast", [f"{p}/shifted"], [f"{p}/xq"], name=f"{p}/xq", to=TensorProto.UINT8),
+            # One scale per row is a blocked QuantizeLinear with the whole row as the block; its zero
+            # point must have the scale's shape (ONNX Runtime checks).
+            helper.make_node("Shape", [f"{p}/scale"], [f"{p}/scale_shape"], name=f"{p}/scale_shape"),
+            helper.make_node("ConstantOfShape", [f"{p}/scale_shape"], [f"{p}/x_zero"], name=f"{p}/x_zero",
+                             value=numpy_helper.from_array(np.array([128], np.uint8))),
+            helper.make_node("QuantizeLinear", [x, f"{p}/scale", f"{p}/x_zero"], [f"{p}/xq"], name=f"{p}/xq",
+                             axis=-1, block_size=k_in),
             helper.make_node("MatMulInteger", [f"{p}/xq", wq, "dyn8/zero"], [f"{p}/acc"], name=f"{p}/gemm"),
-            helper.make_node("Cast", [f"{p}/acc"], [f"{p}/acc_f"], name=f"{p}/acc_f", to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{p}/acc_f", f"{p}/scale"], [f"{p}/row_scaled"], name=f"{p}/row_scaled"),
+            helper.make_node("DequantizeLinear", [f"{p}/acc", f"{p}/scale"], [f"{p}/row_scaled"], name=f"{p}/row_scaled",
+                             axis=-1, block_size=n_out),
             helper.make_node("Mul", [f"{p}/row_scaled", ws], list(n.output), name=f"{p}/out"),
         ]
         done.append(n.input[1])

@@ -519,6 +519,8 @@ def _session(path):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Q/DQ weights in float compute too (cpu_graph.check_against_portable says why).
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -107,4 +107,8 @@ def test_quantized_artifacts_carry_their_own_cpu_flavour(fp32_artifact, tmp_path
                                                                                graph="decoder")):
         engine.reserve(0)
         results.append(engine.step([Chunk(0, prompt, 0)]))
-    assert np.abs(results[0] - results[1]).max() < 1e-3
+    # Not to float rounding: MatMulNBits at accuracy level 4 rounds activations to int8 per block, which
+    # turns the graphs' float-rounding differences into ~0.1 in logits on CPUs without VNNI (AVX2 hosts:
+    # 0.08 here; 1e-3 held on an AVX-512 VNNI host). The validation record above is the float-compute check.
+    assert np.abs(results[0] - results[1]).max() < 0.25
+    assert results[0].argmax() == results[1].argmax()

@@ -226,7 +226,9 @@ def _assert_same_mask(ours: np.ndarray, theirs: np.ndarray, what: str, score: np
     diff = np.flatnonzero(ours_kept != theirs_kept)
     if diff.size and score is not None:
         boundary = score[theirs_kept].max()
-        assert diff.size <= 2 and np.all(np.abs(score[diff] - boundary) <= 1e-5 * max(1.0, abs(boundary))), what
+        # float32 sums over a vocabulary-sized vector carry ~sqrt(n) * 6e-8 relative error, and how much
+        # depends on the host's SIMD width (1.2e-5 seen on an AVX2 host): 1e-4 is still rounding.
+        assert diff.size <= 2 and np.all(np.abs(score[diff] - boundary) <= 1e-4 * max(1.0, abs(boundary))), what
     else:
         assert diff.size == 0, (what, diff[:10])
     both = ours_kept & theirs_kept

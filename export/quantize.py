@@ -64,7 +64,7 @@ METHODS = {
     "int8-qdq": (8, "int8-qdq"),
     "int8-dynamic": (8, "int8-dynamic"),
 }
-# int8-dynamic: every layer weight int8 per output channel in a standard-op integer GEMM (MatMulInteger),
+# int8-dynamic: every layer weight int8 (7-bit values) per output channel in a standard-op integer GEMM (MatMulInteger),
 # its input quantised to uint8 per row at run time (_matmuls_to_dynamic). Measured on one full-width
 # layer's shapes (2-core Xeon with AMX, quiet host, 200-300 runs each, median ms; MatMulNBits 8-bit
 # block 128 / this): M=1 0.150/0.136 (qkv), 0.342/0.348 (gate+up), 0.207/0.179 (down); M=8 0.331/0.181,
@@ -572,8 +572,9 @@ def quantize(
 
         quantization = {
             "method": method,
-            "algorithm": ("round-to-nearest, symmetric, one scale per output channel for the layer weights "
-                          "(MatMulInteger over a per-row uint8 quantisation of the input); the head blockwise along the input dimension "
+            "algorithm": ("round-to-nearest, symmetric, one scale per output channel for the layer weights, "
+                          f"7-bit values [-{DYNAMIC_WEIGHT_QMAX}, {DYNAMIC_WEIGHT_QMAX}] in int8 (MatMulInteger over a per-row "
+                          "uint8 quantisation of the input; 7 bits so non-VNNI x86 kernels cannot overflow); the head blockwise along the input dimension "
                           "(MatMulNBitsQuantizer)" if method == "int8-dynamic" else
                           "round-to-nearest, symmetric, blockwise along the input dimension "
                           "(onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer)"

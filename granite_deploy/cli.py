@@ -716,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="new artifact folder to write")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--int8", action="store_true",
-                     help="8-bit, the fastest form on CPU: int8 per-channel weights, activations quantised per token "
+                     help="8-bit, the fastest form on CPU: int8 per-channel weights (7-bit values), activations quantised per token "
                           "at run time (MatMulInteger integer GEMMs; the same as --int8-dynamic; ONNX Runtime only)")
     how.add_argument("--int8-weight-only", action="store_true",
                      help="8-bit weight-only MatMulNBits, float activations (ONNX Runtime only)")

@@ -55,7 +55,8 @@ class HostMemory:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         if nbytes < LAZY_ZEROS_MIN_BYTES:
             return np.zeros(shape, dtype)
-        return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
+        # Private, like malloc's own mappings: a forked child must not share the parent's cache.
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE), dtype).reshape(shape)
 
     def empty(self, shape: tuple, dtype) -> np.ndarray:
         """Uninitialised (for buffers a copy fills at once: snapshots)."""

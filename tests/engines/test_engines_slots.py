@@ -196,3 +196,18 @@ def test_host_cache_buffers_are_resident_only_where_written():
     grown = _rss_bytes() - before
     assert 4 << 20 <= grown < 6 << 20
     assert buf[2].min() == 1.0 and buf[[0, 1, 3, 4, 5, 6, 7]].max() == 0.0
+
+
+def test_host_cache_buffers_are_private_across_fork():
+    """Like malloc's memory: a child forked after the engine allocated its cache writes its own copy."""
+    import os
+
+    buf = HostMemory().zeros((8, 1 << 18), np.float32)  # 8 MiB: a mapping, not np.zeros
+    pid = os.fork()
+    if pid == 0:
+        buf[0, 0] = 5.0
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert buf[0, 0] == 0.0
+    buf[1, 1] = 2.0
+    assert buf[1, 1] == 2.0

@@ -99,3 +99,26 @@ def test_cli_int8_is_the_dynamic_form_and_weight_only_stays_available(tiny_fp32_
     with pytest.raises(SystemExit) as exc:
         main(["quantize", str(tiny_fp32_artifact), "--output", str(tmp_path / "x"), "--int8", "--int8-weight-only"])
     assert exc.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def test_hybrid_mamba_checkpoint(hybrid_artifact, tmp_path):
+    """The hybrid (Mamba2 + attention) artifact: its projections become integer GEMMs too, the derived
+    flavours pass their float-compute checks, and the engine's default graph gives the portable graph's
+    logits up to activation rounding."""
+    from granite_deploy.engines import Chunk, load_engine
+    from granite_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from granite_deploy.export.quantize import quantize
+
+    out = quantize(hybrid_artifact, tmp_path / "h-int8", "int8-dynamic", thresholds=QUANTIZE_TEST_GATE["int8-dynamic"])
+    manifest = verify(out).to_dict()
+    assert manifest["accuracy"]["passed"]
+    assert "MatMulInteger" in manifest["graphs"]["decoder"]["op_domains"]["ai.onnx"]
+    for flavour in ("decoder_cpu", "decoder_ragged"):
+        assert manifest["graphs"][flavour]["validation"]["passed"]
+    logits = []
+    for engine in (load_engine(out, max_batch=2, threads=1),
+                   OnnxRuntimeEngine(out, max_batch=2, threads=1, graph="decoder")):
+        engine.reserve(0)
+        logits.append(engine.step([Chunk(0, (5, 17, 29, 3), 0)])[0])
+    assert engine.graph_name == "decoder" and np.isfinite(logits[0]).all()
+    assert np.abs(logits[0] - logits[1]).max() < 0.25, np.abs(logits[0] - logits[1]).max()

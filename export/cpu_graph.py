@@ -231,6 +231,17 @@ def to_float_compute(model) -> bool:
     return changed
 
 
+def float_check_session(path: Path):
+    """An ONNX Runtime CPU session for the float-compute checks: Q/DQ weights stay float too (ONNX
+    Runtime otherwise fuses them into MatMulNBits at accuracy level 4, which rounds activations)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 @contextmanager
 def float_compute_copy(path: Path):
     """The graph at path, or a temporary copy next to it computing in float (cpu_graph.to_float_compute)."""
@@ -258,23 +269,18 @@ def check_against_portable(portable: Path, cpu: Path, arch, prompt_lens=(5, 19),
     activations to int8 per block, which turns the graphs' float-rounding differences in attention
     into differences of ~0.1 in logits; so this check runs copies of both graphs with
     accuracy_level 0 (float compute), where they must agree to float rounding. The same holds for
-    Q/DQ graphs, which ONNX Runtime fuses into MatMulNBits at accuracy level 4 by default (the
-    session option below; on a trained model the two graphs differed by 0.063 in logits without it).
+    Q/DQ graphs, which ONNX Runtime fuses into MatMulNBits at accuracy level 4 by default
+    (float_check_session; on a trained model the two graphs differed by 0.063 in logits without it).
     """
-    import onnxruntime as ort
-
     from .validate import run_graph_teacher_forced
 
     rng = np.random.default_rng(seed)
     sequences = [rng.integers(0, arch.vocab_size, n + decode_steps + 1).tolist() for n in prompt_lens]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     logits, float_compute = [], False
     for path, head_dim_major in ((portable, False), (cpu, True)):
         with float_compute_copy(path) as (run_path, changed):  # a copy next to it: external data resolves
             float_compute |= changed
-            session = ort.InferenceSession(str(run_path), options, providers=["CPUExecutionProvider"])
+            session = float_check_session(run_path)
             logits.append(run_graph_teacher_forced(session, arch, sequences, list(prompt_lens),
                                                    head_dim_major=head_dim_major))
             del session

@@ -58,7 +58,7 @@ from ..manifest import (
     ragged_state_name,
     tensor_records,
 )
-from .cpu_graph import float_compute_copy
+from .cpu_graph import float_check_session, float_compute_copy
 from .io_spec import (
     CPU_CACHE_LAYOUT,
     INPUT_IDS,
@@ -514,16 +514,6 @@ def ragged_feeds(groups, logits: str = "all") -> dict:
     return feeds
 
 
-def _session(path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # Q/DQ weights in float compute too (cpu_graph.check_against_portable says why).
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 # The export check's step: rows of group 0 decode (1 token) around an idle row; group 1 a prefill chunk
 # from position 0 and a 3-token (speculative-verification sized) chunk after a cached prefix.
 CHECK_PREFIXES = ((6, 1), (4, 0), (9, 1), (0, 7), (5, 3))  # (cached tokens, chunk tokens) per row
@@ -587,7 +577,7 @@ def check_against_cpu(cpu: Path, ragged: Path, arch, seed: int = 0) -> dict:
     capacity = max(p + n for p, n in CHECK_PREFIXES) + 8
     records = state_records(arch, "float32", head_dim_major=True)
     with float_compute_copy(cpu) as (cpu_run, float_compute), float_compute_copy(ragged) as (ragged_run, _):
-        cpu_session = _session(cpu_run)
+        cpu_session = float_check_session(cpu_run)
         state = {st.input: np.zeros((rows, *st.row_shape(capacity)), np.float32) for st in records}
         prefixes = [(0, rng.integers(0, arch.vocab_size, p).tolist()) for p, _ in CHECK_PREFIXES]
         run_chunks_cpu(cpu_session, arch, state, prefixes, all_logits=False)
@@ -595,7 +585,7 @@ def check_against_cpu(cpu: Path, ragged: Path, arch, seed: int = 0) -> dict:
         ref_state = {k: v.copy() for k, v in state.items()}
         reference = run_chunks_cpu(cpu_session, arch, ref_state, chunks)
         del cpu_session
-        ragged_session = _session(ragged_run)
+        ragged_session = float_check_session(ragged_run)
         got = run_ragged(ragged_session, arch, state, CHECK_GROUPS, chunks)
         del ragged_session
     diffs = [float(np.abs(a - b).max()) for a, b in zip(reference, got) if a is not None]

@@ -44,8 +44,10 @@ def quantized(fp32_artifact, tiny_qdq_artifact):
     made = {"int8-qdq": tiny_qdq_artifact}
 
     def get(method: str) -> Path:
-        if method not in made:
-            made[method] = quantize(fp32_artifact, fp32_artifact.parent / method, method, thresholds=GATE[method])
+        out = fp32_artifact.parent / method
+        if method not in made:  # another module may have made it already (same source, same gate)
+            made[method] = out if (out / "manifest.json").exists() else quantize(fp32_artifact, out, method,
+                                                                                  thresholds=GATE[method])
         return made[method]
 
     return get

@@ -58,7 +58,7 @@ def sessions(artifact):
     m = load_manifest(artifact)
     with rg.float_compute_copy(artifact / m.graph(DECODER_CPU).file) as (cpu, _), \
             rg.float_compute_copy(artifact / m.graph(DECODER_RAGGED).file) as (ragged, _):
-        yield m.architecture, rg._session(cpu), rg._session(ragged)
+        yield m.architecture, rg.float_check_session(cpu), rg.float_check_session(ragged)
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))

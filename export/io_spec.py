@@ -50,6 +50,16 @@ CPU_CACHE_LAYOUT = {
     "write_op": "TensorScatter (opset 24, mode=linear, axis=-1)",
 }
 
+# The ragged flavour (export/ragged_graph.py) keeps the portable layout, which ONNX Runtime's
+# GroupQueryAttention reads and writes in place.
+RAGGED_CACHE_LAYOUT = {
+    **CACHE_LAYOUT,
+    "write_op": "GroupQueryAttention (com.microsoft; past and present bound to one buffer), or TensorScatter "
+                "(axis 2) for a group of several multi-token rows",
+    "attention": "query at position p attends to cache positions 0..p (GroupQueryAttention: each row up to "
+                 "its chunk's end only)",
+}
+
 
 # A graph input/output as the manifest records it (name, numpy dtype name, shape: ints for fixed
 # dims, strings for symbolic ones, optional default).
@@ -144,7 +154,7 @@ def ragged_graph_io(arch: GraniteArch) -> tuple[list[TensorSpec], list[TensorSpe
                    TensorSpec(ragged_group_input(g, "lengths"), "int64", (rows,))]
     outputs = [TensorSpec(LOGITS, "float32", (1, LOGITS, arch.vocab_size))]
     for g in range(RAGGED_GROUPS):
-        for st in state_records(arch, "float32", head_dim_major=True):
+        for st in state_records(arch, "float32"):
             shape = (f"group{g}.rows", *st.shape)
             inputs.append(TensorSpec(ragged_state_name(st.input, g), st.dtype, shape))
             outputs.append(TensorSpec(ragged_state_name(st.output, g), st.dtype, shape))

@@ -16,16 +16,25 @@ A step of T tokens runs twice laid out:
   parts that mix tokens of one sequence. `group{g}.token_index` gathers the
   flat tokens into slots, `unpad_index` gathers the slots back.
 
-Attention per group is decoder_cpu's (head-dim-major cache, MatMul/Softmax):
-K and V are written with TensorScatter at `group{g}.position_ids[:, 0]` (axis
--1), the mask is `key position <= group{g}.position_ids`. Mamba per group:
+Attention per group is ONNX Runtime's GroupQueryAttention (com.microsoft) over
+a [rows, kv_heads, capacity, head_dim] cache (the portable layout, not
+decoder_cpu's head-dim-major one): it writes the step's K and V in place (past
+and present bound to one buffer) at `group{g}.position_ids[:, 0]` onward and
+attends each row up to its chunk's end only, where decoder_cpu's MatMul form
+reads the whole capacity (1B int4, b1 past 128: 16.3 -> 19.3 tok/s; prefill
+1024: 42 -> 49 tok/s). GroupQueryAttention refuses several rows of several
+tokens with a cache, so such a group (concurrent prompt chunks, batched
+speculative verification) takes a fallback inside the same If: TensorScatter
+writes (axis 2) and MatMul/Softmax under the mask `key position <=
+group{g}.position_ids`. RoPE runs on the flat layout (RotaryEmbedding's 3D
+form). Mamba per group:
 padding slots (j >= `group{g}.lengths[r]`) get dt = 0, so the SSM state does
 not move through them, and the conv state written back is the K inputs ending
 at the row's real chunk end (GatherElements on the [old window | chunk]
 concatenation), so an idle row (length 0) keeps conv and ssm state exactly.
 The Mamba causal masks come from the group's width. Each group's conv + scan
-(about 45 nodes), like its attention after the cache writes, sits in an If on
-rows_g > 0, so an empty group costs one node
+(about 45 nodes), like its attention, sits in an If on rows_g > 0 (for attention
+also because GroupQueryAttention fails on zero rows), so an empty group costs one node
 per Mamba layer (ONNX Runtime writes an If's outputs straight into the bound
 output buffers: no copy of the ssm state); the conv state write stays outside.
 
@@ -60,12 +69,12 @@ from ..manifest import (
 )
 from .cpu_graph import float_check_session, float_compute_copy
 from .io_spec import (
-    CPU_CACHE_LAYOUT,
     INPUT_IDS,
     LOGITS,
     LOGITS_INDEX,
     NUM_LOGITS_TO_KEEP,
     POSITION_IDS,
+    RAGGED_CACHE_LAYOUT,
     UNPAD_INDEX,
     ragged_graph_io,
     ragged_group_input,
@@ -108,7 +117,7 @@ class _Builder:
 def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH_FILE) -> Path:
     """Write the ragged flavour of the decoder_cpu graph at cpu_graph_path next to it; returns its path."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     src = Path(cpu_graph_path)
     model = onnx.load(str(src), load_external_data=False)
@@ -167,16 +176,27 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
                                          c("axes_0", [0])], f"{p}/nonempty")  # scalar bool: rows_g > 0
         if attention_layers:
             first_k = gname(state_names(attention_layers[0], "key")[0], g)
-            cap = b.op("Shape", [first_k], f"{p}/capacity", start=3, end=4)  # [1]
-            kv_pos = b.op("Range", [c("zero", 0), b.op("Squeeze", [cap, c("axes_0", [0])], f"{p}/capacity0"),
-                                    c("one", 1)], f"{p}/kv_pos")  # [cap]
+            cap = b.op("Shape", [first_k], f"{p}/capacity", start=2, end=3)  # [1]
+            cap0 = b.op("Squeeze", [cap, c("axes_0", [0])], f"{p}/capacity0")
+            # GroupQueryAttention: row r's chunk ends at position seqlens_k[r] = group position_ids[r, W-1]
+            # (padding included: its writes land past the row's length, as the fallback's do); a total
+            # length of `capacity` keeps it out of first-prompt mode, so past = seqlens_k + 1 - W per row.
+            last = b.op("Sub", [s["W0"], c("one", 1)], f"{p}/last_slot")
+            s["seqlens_k"] = b.op("Cast", [b.op("Gather", [gpos[g], last], f"{p}/chunk_end", axis=1)],
+                                  f"{p}/seqlens_k", to=TensorProto.INT32)  # [R]
+            s["total"] = b.op("Cast", [cap0], f"{p}/total_len", to=TensorProto.INT32)
+            # GroupQueryAttention takes W > 1 with a cache only for one row: other groups take the fallback
+            one_row = b.op("Equal", [s["R"], c("one_1d", [1])], f"{p}/one_row")
+            one_slot = b.op("Equal", [s["W"], c("one_1d", [1])], f"{p}/one_slot")
+            s["gqa"] = b.op("Squeeze", [b.op("Or", [one_row, one_slot], f"{p}/gqa_1d"), c("axes_0", [0])],
+                            f"{p}/gqa")
+            # the fallback: MatMul attention over the whole capacity under a mask
+            kv_pos = b.op("Range", [c("zero", 0), cap0, c("one", 1)], f"{p}/kv_pos")  # [cap]
             q_pos = b.op("Unsqueeze", [gpos[g], c("axes_1_2_4", [1, 2, 4])], f"{p}/q_pos")  # [R, 1, 1, W, 1]
-            mask5 = b.op("LessOrEqual", [kv_pos, q_pos], f"{p}/mask5")  # [R, 1, 1, W, cap]
-            s["mask"] = mask5  # broadcast over kv heads and the query heads of a group
+            s["mask"] = b.op("LessOrEqual", [kv_pos, q_pos], f"{p}/mask5")  # [R, 1, 1, W, cap]
             s["write"] = b.op("Gather", [gpos[g], c("zero", 0)], f"{p}/write_index", axis=1)  # [R]
-            gw = b.op("Mul", [s["W"], c("G", [G])], f"{p}/GW")
-            s["p4_shape"] = b.op("Concat", [s["R"], c("kvH", [kvH]), gw, cap], f"{p}/p4_shape", axis=0)
-            s["o5_shape"] = b.op("Concat", [s["R"], c("kvH_D", [kvH, D, G]), s["W"]], f"{p}/o5_shape", axis=0)
+            s["s5_shape"] = b.op("Concat", [s["R"], c("kvH_G", [kvH, G]), s["W"], cap], f"{p}/s5_shape", axis=0)
+            s["p4_shape"] = b.op("Concat", [s["R"], c("kvH_any", [kvH, -1]), cap], f"{p}/p4_shape", axis=0)
             s["flat_shape"] = b.op("Concat", [s["RW"], c("nHD", [nH * D])], f"{p}/flat_shape", axis=0)
         if mamba_layers:
             m = a.mamba
@@ -196,58 +216,100 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
         shared.append(s)
 
     # --- attention layers ------------------------------------------------------------------------------
+    inits = {t.name: t for t in graph.initializer}
+
+    def heads_flat(name, what):
+        """decoder_cpu's per-head tensor [1, heads, T, D] (after RoPE if the layer has it) -> the flat
+        [1, T, heads*D] projection output it came from, and its RotaryEmbedding node (or None)."""
+        rope = producers.get(name)
+        if rope is not None and rope.op_type == "RotaryEmbedding":
+            name = rope.input[0]
+        else:
+            rope = None
+        split = produced_by(name, "Transpose", f"{what} heads")
+        return produced_by(split.input[0], "Reshape", f"{what} head split").input[0], rope
+
     for i in attention_layers:
-        present_k = state_names(i, "key")[1]
-        present_v = state_names(i, "value")[1]
+        (past_k, present_k), (past_v, present_v) = state_names(i, "key"), state_names(i, "value")
         tag = f"ragged/l{i}"
-        kv = {}
+        flat = {}
         for part, present in (("key", present_k), ("value", present_v)):
             w = produced_by(present, "TensorScatter", f"layer {i} {part} write")
             t = produced_by(w.input[1], "Transpose", f"layer {i} {part} update")
-            kv[part] = t.input[0]  # [1, kvH, T, D]
+            flat[part] = heads_flat(t.input[0], f"layer {i} {part}")
             removed.update((id(w), id(t)))
         k5 = only_consumer(present_k, "Unsqueeze", f"layer {i} keys")
         p = k5.name[: -len("/k5")]
         q_scaled = produced_by(f"{p}/q_scaled", "Mul", f"layer {i} query scale")
-        q, scale = q_scaled.input
+        flat["query"] = heads_flat(q_scaled.input[0], f"layer {i} query")
+        if q_scaled.input[1] not in inits:
+            raise RaggedGraphError(f"{src}: layer {i}: the query scale {q_scaled.input[1]!r} is not a constant")
+        scale = float(numpy_helper.to_array(inits[q_scaled.input[1]]))
         y_node = by_name.get(f"{p}/y")
         if y_node is None or y_node.op_type != "Reshape":
             raise RaggedGraphError(f"{src}: layer {i}: no Reshape node {p}/y (decoder_cpu's attention output)")
-        y_att = y_node.output[0]
-        y_t = only_consumer(y_att, "Transpose", f"layer {i} attention output")
+        y_t = only_consumer(y_node.output[0], "Transpose", f"layer {i} attention output")
         merged = only_consumer(y_t.output[0], "Reshape", f"layer {i} head merge")
         removed.update((id(y_t), id(merged)))
-        # shared over the groups: scaled q as [kvH, G*T, D], k and v as [kvH, T, D]
-        qs = b.op("Mul", [q, scale], f"{tag}/q_scaled")
-        q4 = b.op("Reshape", [qs, c("q4_shape", [kvH, G, -1, D])], f"{tag}/q4")
-        k3 = b.op("Squeeze", [kv["key"], c("axes_0", [0])], f"{tag}/k3")
-        v3 = b.op("Squeeze", [kv["value"], c("axes_0", [0])], f"{tag}/v3")
+        # flat [T, heads*D] q, k, v, RoPE applied on the flat layout (RotaryEmbedding's 3D form)
+        x2 = {}
+        for part, heads in (("query", nH), ("key", kvH), ("value", kvH)):
+            x, rope = flat[part]
+            if rope is not None:
+                attrs = {at.name: helper.get_attribute_value(at) for at in rope.attribute}
+                x = b.op("RotaryEmbedding", [x, *rope.input[1:]], f"{tag}/{part}_rope", **{**attrs, "num_heads": heads})
+            x2[part] = b.op("Squeeze", [x, c("axes_0", [0])], f"{tag}/{part}2")
         outs = []
         for g in range(RAGGED_GROUPS):
             s, pg = shared[g], f"{tag}/g{g}"
+            names = [f"{pg}/out_slots", gname(present_k, g), gname(present_v, g)]
+            pk_in, pv_in = gname(past_k, g), gname(past_v, g)
+            # GroupQueryAttention: writes this step's K/V into the cache in place (it sees past and
+            # present as one buffer) and attends each row up to its own length only.
+            start = len(b.nodes)
+            slots = {part: b.op("Gather", [x2[part], tok[g]], f"{pg}/gqa_{part}_slots", axis=0)  # [R, W, F]
+                     for part in ("query", "key", "value")}
+            y, pk, pv = b.op("GroupQueryAttention", [slots["query"], slots["key"], slots["value"], pk_in, pv_in,
+                                                     s["seqlens_k"], s["total"]], f"{pg}/gqa", n_out=3,
+                             domain="com.microsoft", num_heads=nH, kv_num_heads=kvH, scale=scale)
+            y = b.op("Reshape", [y, s["flat_shape"]], f"{pg}/gqa_out")  # [R*W, nH*D]
+            gqa_nodes = b.nodes[start:]
+            del b.nodes[start:]
+            # Fallback (several rows of several slots): TensorScatter writes, MatMul attention under a mask
+            q5 = b.op("Reshape", [b.op("Gather", [x2["query"], tok[g]], f"{pg}/q_slots", axis=0),
+                                  c("q5_shape", [0, 0, kvH, G, D])], f"{pg}/q5")  # [R, W, kvH, G, D]
+            q4 = b.op("Reshape", [b.op("Transpose", [q5], f"{pg}/q_t", perm=[0, 2, 3, 1, 4]),
+                                  c("q4_shape", [0, kvH, -1, D])], f"{pg}/q4")  # [R, kvH, G*W, D]
             cache = {}
-            for part, x3, names in (("key", k3, state_names(i, "key")), ("value", v3, state_names(i, "value"))):
-                upd = b.op("Transpose", [b.op("Gather", [x3, tok[g]], f"{pg}/{part}_slots", axis=1)],
-                           f"{pg}/{part}_update", perm=[1, 0, 3, 2])  # [kvH, R, W, D] -> [R, kvH, D, W]
-                cache[part] = b.op("TensorScatter", [gname(names[0], g), upd, s["write"]], gname(names[1], g),
-                                   axis=-1)
-                b.nodes[-1].name = f"{pg}/write_{part}"
-            body_start = len(b.nodes)  # the rest runs inside If(rows_g > 0), as the Mamba scan does
-            # [kvH, G, R, W, D] -> [R, kvH, G, W, D]: at decode (W = 1) the scores are one matrix-vector
-            # product per query head against K as in decoder_cpu (an M = G*W GEMM would pack K per head)
-            qg = b.op("Transpose", [b.op("Gather", [q4, tok[g]], f"{pg}/q_slots", axis=2)], f"{pg}/q",
-                      perm=[2, 0, 1, 3, 4])
-            k5 = b.op("Unsqueeze", [cache["key"], c("axes_2", [2])], f"{pg}/k5")  # [R, kvH, 1, D, cap]
-            scores = b.op("MatMul", [qg, k5], f"{pg}/scores")  # [R, kvH, G, W, cap]
+            for part, past, present in (("key", pk_in, pk), ("value", pv_in, pv)):
+                upd = b.op("Reshape", [b.op("Gather", [x2[part], tok[g]], f"{pg}/{part}_slots", axis=0),
+                                       c("kv4_shape", [0, 0, kvH, D])], f"{pg}/{part}4")
+                upd = b.op("Transpose", [upd], f"{pg}/{part}_update", perm=[0, 2, 1, 3])  # [R, kvH, W, D]
+                cache[part] = b.op("TensorScatter", [past, upd, s["write"]], f"{pg}/{part}_written", axis=2)
+            scores = b.op("FusedMatMul", [q4, cache["key"]], f"{pg}/scores", domain="com.microsoft", transB=1,
+                          alpha=scale)  # [R, kvH, G*W, cap]
+            scores = b.op("Reshape", [scores, s["s5_shape"]], f"{pg}/scores5")  # [R, kvH, G, W, cap]
             scores = b.op("Where", [s["mask"], scores, c("minus_inf", -np.inf, np.float32)], f"{pg}/scores_masked")
-            probs = b.op("Softmax", [scores], f"{pg}/probs", axis=-1)
-            probs4 = b.op("Reshape", [probs, s["p4_shape"]], f"{pg}/probs4")  # [R, kvH, G*W, cap]
-            probs_t = b.op("Transpose", [probs4], f"{pg}/probs_t", perm=[0, 1, 3, 2])
-            out_t = b.op("MatMul", [cache["value"], probs_t], f"{pg}/out_t")  # [R, kvH, D, G*W]
-            out5 = b.op("Reshape", [out_t, s["o5_shape"]], f"{pg}/out5")  # [R, kvH, D, G, W]
-            out5 = b.op("Transpose", [out5], f"{pg}/out5_t", perm=[0, 4, 1, 3, 2])  # [R, W, kvH, G, D]
-            y = b.op("Reshape", [out5, s["flat_shape"]], f"{pg}/out_slots_then")  # [R*W, nH*D]
-            outs.append(_gate(b, body_start, s["nonempty"], pg, [y], [np.zeros((0, nH * D), np.float32)]))
+            probs = b.op("Reshape", [b.op("Softmax", [scores], f"{pg}/probs", axis=-1), s["p4_shape"]],
+                         f"{pg}/probs4")  # [R, kvH, G*W, cap]
+            out = b.op("MatMul", [probs, cache["value"]], f"{pg}/out4")  # [R, kvH, G*W, D]
+            out = b.op("Reshape", [out, c("o5_shape", [0, kvH, G, -1, D])], f"{pg}/out5")
+            out = b.op("Transpose", [out], f"{pg}/out5_t", perm=[0, 3, 1, 2, 4])  # [R, W, kvH, G, D]
+            out = b.op("Reshape", [out, s["flat_shape"]], f"{pg}/fallback_out")
+            fallback_nodes = b.nodes[start:]
+            del b.nodes[start:]
+            inner = [f"{pg}/attention_out", f"{pg}/attention_key", f"{pg}/attention_value"]
+            b.nodes.append(_if(s["gqa"], f"{pg}/if_gqa", inner, gqa_nodes, [y, pk, pv],
+                               fallback_nodes, [out, cache["key"], cache["value"]]))
+            # an empty group (rows_g = 0): GroupQueryAttention cannot take zero rows
+            body = [b.nodes.pop()]
+            empty = [helper.make_node("Constant", [], [f"{pg}/no_rows"], name=f"{pg}/no_rows",
+                                      value=numpy_helper.from_array(np.zeros((0, nH * D), np.float32))),
+                     helper.make_node("Identity", [pk_in], [f"{pg}/key_kept"], name=f"{pg}/key_kept"),
+                     helper.make_node("Identity", [pv_in], [f"{pg}/value_kept"], name=f"{pg}/value_kept")]
+            b.nodes.append(_if(s["nonempty"], f"{pg}/if_rows", names, body, inner, empty,
+                               [f"{pg}/no_rows", f"{pg}/key_kept", f"{pg}/value_kept"]))
+            outs.append(names[0])
         slots = b.op("Concat", outs, f"{tag}/out_slots", axis=0)
         b.nodes.append(helper.make_node("Gather", [slots, unpad_2d], [merged.output[0]], name=f"{tag}/unpad", axis=0))
 
@@ -341,6 +403,8 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
 
     # --- assemble: the new nodes where the graph needs them, dead nodes pruned, I/O as the contract -----
     kept_nodes = [n for n in nodes if id(n) not in removed]
+    if attention_layers and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     inputs, outputs = ragged_graph_io(arch)
     outputs_needed = {o.name for o in outputs}
     all_nodes = _toposort(kept_nodes + b.nodes, {i.name for i in inputs} | {t.name for t in graph.initializer}
@@ -398,6 +462,19 @@ def _gate(b: _Builder, start: int, cond: str, tag: str, outs: list[str], empty: 
     b.nodes.append(helper.make_node("If", [cond], names, name=f"{tag}/if_rows",
                                     then_branch=sub(body, outs, "then"), else_branch=sub(else_nodes, else_outs, "else")))
     return names[0]
+
+
+def _if(cond: str, name: str, outs: list[str], then_nodes: list, then_outs: list[str], else_nodes: list,
+        else_outs: list[str]):
+    """If(cond) whose branches are the given nodes, producing then_outs / else_outs as `outs`."""
+    from onnx import TensorProto, helper
+
+    def sub(nodes, outputs, what):
+        return helper.make_graph(nodes, f"{name}/{what}", [],
+                                 [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs])
+
+    return helper.make_node("If", [cond], outs, name=name, then_branch=sub(then_nodes, then_outs, "then"),
+                            else_branch=sub(else_nodes, else_outs, "else"))
 
 
 def _reads(node) -> list[str]:
@@ -465,11 +542,11 @@ def ragged_graph_record(cpu_record: GraphRecord, path: Path, arch, validation: d
                                 "one call (docs/ragged-step.md)"}),
         inputs=tensor_records(inputs),
         outputs=tensor_records(outputs),
-        kv_cache=MappingProxyType({**CPU_CACHE_LAYOUT, "step": "ragged", "groups": RAGGED_GROUPS,
+        kv_cache=MappingProxyType({**RAGGED_CACHE_LAYOUT, "step": "ragged", "groups": RAGGED_GROUPS,
                                    "write_position": "group{g}.position_ids[:, 0]",
                                    "group_state_names": "state names as listed for group 0; "
                                                         "group{g}.<name> for group g >= 1"}),
-        state=state_records(arch, "float32", head_dim_major=True),
+        state=state_records(arch, "float32"),
         validation=MappingProxyType(dict(validation)) if validation is not None else None,
     )
 
@@ -543,18 +620,23 @@ def run_chunks_cpu(session, arch, state: dict, rows_chunks, all_logits=True):
 
 def run_ragged(session, arch, state: dict, groups_ranges, rows_chunks):
     """One ragged call over rows_chunks with group g bound to rows groups_ranges[g] of `state`
-    (updated in place); returns the logits of every token, split per row (None: idle)."""
+    (decoder_cpu's layout, as run_chunks_cpu keeps it; updated in place); returns the logits of
+    every token, split per row (None: idle)."""
     records = state_records(arch, "float32", head_dim_major=True)
     groups = [[rows_chunks[r] for r in range(lo, hi)] for lo, hi in groups_ranges]
     feeds = ragged_feeds(groups)
+
+    def layout(x, st):  # head-dim-major <-> decoder_ragged's [rows, kv_heads, capacity, head_dim]
+        return np.ascontiguousarray(np.swapaxes(x, -1, -2) if st.kind == "kv" else x)
+
     for g, (lo, hi) in enumerate(groups_ranges):
         for st in records:
-            feeds[ragged_state_name(st.input, g)] = np.ascontiguousarray(state[st.input][lo:hi])
+            feeds[ragged_state_name(st.input, g)] = layout(state[st.input][lo:hi], st)
     out_names = [o.name for o in session.get_outputs()]
     out = dict(zip(out_names, session.run(None, feeds)))
     for g, (lo, hi) in enumerate(groups_ranges):
         for st in records:
-            state[st.input][lo:hi] = out[ragged_state_name(st.output, g)]
+            state[st.input][lo:hi] = layout(out[ragged_state_name(st.output, g)], st)
     logits = np.asarray(out[LOGITS][0], np.float32)
     result, t = [], 0
     for lo, hi in groups_ranges:

@@ -29,6 +29,8 @@ SCENARIOS = {
     "group1_empty": (((3, 1), (2, 1), (0, 5)), ((0, 3), (3, 3))),
     "group0_empty": (((3, 1), (0, 6), (2, 2)), ((0, 0), (0, 3))),
     "only_decodes": (((5, 1), (8, 1), (1, 1)), ((0, 2), (2, 3))),
+    # one multi-token row per group after a cached prefix (GroupQueryAttention's one-row chunk path)
+    "one_chunk_per_group": (((4, 3), (6, 5)), ((0, 1), (1, 2))),
 }
 LOGIT_TOL = 1e-4
 
@@ -102,7 +104,7 @@ def test_last_token_logits_only(sessions):
     arch, _, ragged = sessions
     rows, groups = SCENARIOS["mixed"]
     rng = np.random.default_rng(7)
-    records = state_records(arch, "float32", head_dim_major=True)
+    records = state_records(arch, "float32")  # decoder_ragged's layout
     chunks = [(p, rng.integers(0, arch.vocab_size, n).tolist()) for p, n in rows]
     state = {st.input: rng.standard_normal((len(rows), *st.row_shape(20))).astype(np.float32) for st in records}
 
@@ -139,8 +141,11 @@ def test_manifest_record_round_trip(artifact):
     cpu = m.graph(DECODER_CPU)
     assert g.derived_from == DECODER_CPU and g.engines == ("onnxruntime",)
     assert g.kv_cache["step"] == "ragged" and g.kv_cache["groups"] == 2
-    assert g.kv_cache["kind"] == cpu.kv_cache["kind"] and g.kv_cache["tensor_layout"] == cpu.kv_cache["tensor_layout"]
-    assert g.state == cpu.state  # one set (group 0's names); group 1 binds the same tensors renamed
+    assert g.kv_cache["kind"] == cpu.kv_cache["kind"]
+    # the portable layout (GroupQueryAttention's), not decoder_cpu's head-dim-major one
+    assert g.kv_cache["tensor_layout"] == ["batch", "kv_heads", "cache_capacity", "head_dim"]
+    assert g.state == state_records(m.architecture, "float32")  # one set (group 0's names); group 1 binds them renamed
+    assert [st.input for st in g.state] == [st.input for st in cpu.state]
     for st in g.state:
         for g_ in (0, 1):
             assert ragged_state_name(st.input, g_) in g.input_names
@@ -180,3 +185,26 @@ def test_refuses_an_artifact_without_decoder_cpu(tiny_fp32_artifact, tmp_path):
     with pytest.raises(rg.RaggedGraphError, match="no decoder_cpu"):
         rg.add_ragged_flavour(art)
     assert not (art / rg.RAGGED_GRAPH_FILE).exists()
+
+
+def test_attention_is_group_query_attention_with_a_fallback(artifact):
+    """Each attention layer's group runs GroupQueryAttention (cache written in place by it), with the
+    MatMul/Softmax fallback (TensorScatter writes) for groups of several multi-token rows."""
+    import onnx
+
+    m = load_manifest(artifact)
+    model = onnx.load(str(artifact / m.graph(DECODER_RAGGED).file), load_external_data=False)
+
+    def ops(graph):
+        for n in graph.node:
+            yield n.op_type
+            for at in n.attribute:
+                if at.HasField("g"):
+                    yield from ops(at.g)
+
+    found = list(ops(model.graph))
+    attention_layers = sum(1 for k in (m.architecture.layer_types or ("attention",) * m.architecture.num_layers)
+                           if k == "attention")
+    assert found.count("GroupQueryAttention") == 2 * attention_layers
+    assert found.count("TensorScatter") == 2 * 2 * attention_layers  # K and V, per group, in the fallback only
+    assert "com.microsoft" in {o.domain for o in model.opset_import}

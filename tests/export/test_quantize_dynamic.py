@@ -1,5 +1,6 @@
 """`granite-deploy quantize --int8-dynamic`: int8 per-channel layer weights in integer GEMMs
-(MatMulInteger) over a per-row uint8 quantisation of the input, the head 8-bit MatMulNBits.
+(MatMulInteger) over a per-row uint8 quantisation of the input, the head likewise over its own copy,
+the tied embedding's lookup GatherBlockQuantized over an 8-bit table.
 
 What could go wrong and is checked: the graph is not what the manifest says (ops, weight bytes),
 it disagrees with fp32 beyond int8 noise, and a token's logits depend on which other tokens share
@@ -33,22 +34,23 @@ def test_manifest_ops_and_bytes(tiny_fp32_artifact, dynamic):
     src = json.loads((tiny_fp32_artifact / "manifest.json").read_text())
     g = manifest["graphs"]["decoder"]
     assert g["precision"] == "int8-dynamic" and g["engines"] == ["onnxruntime"]
-    assert g["op_domains"]["com.microsoft"] == ["GatherBlockQuantized", "MatMulNBits"]
+    assert g["op_domains"]["com.microsoft"] == ["GatherBlockQuantized"]  # the lookup; no MatMulNBits left
     assert "MatMulInteger" in g["op_domains"]["ai.onnx"] and "MatMul" not in g["op_domains"]["ai.onnx"]
     q = manifest["quantization"]
     assert q["method"] == "int8-dynamic" and q["bits"] == 8 and "per row" in q["activations"]
     layers = src["architecture"]["num_layers"]
     model = onnx.load(str(dynamic / g["file"]), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulInteger") == 4 * layers  # qkv, o, gate+up, down per layer
-    assert ops.count("MatMulNBits") == 1  # the head
+    assert ops.count("MatMulInteger") == 4 * layers + 1  # qkv, o, gate+up, down per layer; the head
+    assert ops.count("MatMulNBits") == 0
+    assert "MatMulInteger" in q["head"] and "GatherBlockQuantized" in q["embedding"]
     int8 = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(int8) == 4 * layers
+    assert len(int8) == 4 * layers + 1
     # 7-bit range: a full-range int8 weight overflows the int16 pair sums of the non-VNNI x86 kernel.
     full = onnx.load(str(dynamic / g["file"]))
     peaks = [int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int32)).max())
              for t in full.graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(peaks) == 4 * layers and set(peaks) == {63}
+    assert len(peaks) == 4 * layers + 1 and set(peaks) == {63}
     weights = sum(manifest["files"][n]["bytes"] for n in g["external_data"])
     fp32_weights = sum(src["files"][n]["bytes"] for n in src["graphs"]["decoder"]["external_data"])
     assert weights < 0.4 * fp32_weights

@@ -375,3 +375,18 @@ def test_empty_group_on_the_dummy_row_where_zero_rows_do_not_run(tiny_fp32_artif
     ragged, per_call, _ = engines(ragged_artifact(tiny_fp32_artifact, tmp_path_factory))
     assert ragged._dummy
     assert run_workload(ragged, per_call, 3, steps=12, rollback=True, vocab=ragged.info.vocab_size) >= 8
+
+
+def test_ragged_engine_equals_the_per_call_engine_across_cache_resizes(tiny_fp32_artifact, tmp_path_factory,
+                                                                        monkeypatch):
+    """The ragged engine keeps its state bindings per row range between steps: a resize (new buffers)
+    must drop them. Capacity blocks of 8 make the workload grow (and shrink) the cache many times."""
+    from granite_deploy.engines import onnxruntime_engine
+
+    monkeypatch.setattr(onnxruntime_engine, "CAPACITY_BLOCK", 8)
+    ragged, per_call, _ = engines(ragged_artifact(tiny_fp32_artifact, tmp_path_factory))
+    resizes = []
+    inner = ragged._resize
+    ragged._resize = lambda cap: (resizes.append(cap), inner(cap))
+    assert run_workload(ragged, per_call, 5, steps=40, rollback=True, vocab=ragged.info.vocab_size) >= 25
+    assert len(resizes) >= 3 and ragged._ragged_bindings  # bindings were kept between resizes, then rebuilt

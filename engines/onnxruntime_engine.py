@@ -330,8 +330,8 @@ class OnnxRuntimeEngine(Engine):
                 copy_back.append((buf, scratch, rows))
         return copy_back
 
-    def _run_bound(self, binding, copy_back: list) -> np.ndarray:
-        """Run the bound call, copy scratch rows back; the logits output."""
+    def _execute(self, binding, copy_back: list) -> None:
+        """Run the bound call, copy scratch rows back."""
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
@@ -339,6 +339,10 @@ class OnnxRuntimeEngine(Engine):
         for buf, scratch, rows in copy_back:
             for row in range(rows.start, rows.stop):
                 self.memory.copy(buf, row, scratch, row, None)
+
+    def _run_bound(self, binding, copy_back: list) -> np.ndarray:
+        """Run the bound call, copy scratch rows back; the logits output."""
+        self._execute(binding, copy_back)
         return binding.get_outputs()[0].numpy()
 
     def _run(self, call: Call, keep_last: bool = True) -> np.ndarray:
@@ -383,13 +387,7 @@ class OnnxRuntimeEngine(Engine):
             binding.bind_cpu_input(f"group{g}.lengths", group.lengths)
         logits = np.empty((1, len(call.logits_index), self.info.vocab_size), np.float32)
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:
-            raise EngineError(f"ONNX Runtime step failed: {exc}") from exc
-        for buf, scratch, rows in copy_back:
-            for row in range(rows.start, rows.stop):
-                self.memory.copy(buf, row, scratch, row, None)
+        self._execute(binding, copy_back)
         return logits[0]
 
     def _step_ragged(self, chunks: list[Chunk]) -> np.ndarray:

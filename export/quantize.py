@@ -346,7 +346,7 @@ def _head_to_dynamic(model, head, weight) -> str:
     name = f"{HEAD_NAME}_dynamic"
     model.graph.initializer.append(numpy_helper.from_array(weight, name))
     matmul = helper.make_node("MatMul", [head.input[0], name], list(head.output), name="lm_head/MatMul")
-    nodes = [matmul if n is head or list(n.output) == list(head.output) else n for n in model.graph.node]
+    nodes = [matmul if list(n.output) == list(head.output) else n for n in model.graph.node]
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     if _matmuls_to_dynamic(model, keep=set()) != [name]:

@@ -23,8 +23,8 @@ and present bound to one buffer) at `group{g}.position_ids[:, 0]` onward and
 attends each row up to its chunk's end only, where decoder_cpu's MatMul form
 reads the whole capacity (1B int4 on a 2-core EPYC, interleaved A/B, 3 rounds:
 prefill 1024 43.4 -> 48.6 tok/s, decode b8 33.4 -> 36.9, b1 17.1 -> 17.5, peak RSS
-2.14 -> 1.79 GiB: no [rows, heads, width, capacity] score tensors). GroupQueryAttention refuses several rows of several
-tokens with a cache, so such a group (concurrent prompt chunks, batched
+2.14 -> 1.79 GiB: no [rows, heads, width, capacity] score tensors).
+GroupQueryAttention refuses several rows of several tokens with a cache, so such a group (concurrent prompt chunks, batched
 speculative verification) takes a fallback inside the same If: TensorScatter
 writes (axis 2) and MatMul/Softmax under the mask `key position <=
 group{g}.position_ids`. RoPE runs on the flat layout (RotaryEmbedding's 3D
@@ -302,15 +302,9 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
             inner = [f"{pg}/attention_out", f"{pg}/attention_key", f"{pg}/attention_value"]
             b.nodes.append(_if(s["gqa"], f"{pg}/if_gqa", inner, gqa_nodes, [y, pk, pv],
                                fallback_nodes, [out, cache["key"], cache["value"]]))
-            # an empty group (rows_g = 0): GroupQueryAttention cannot take zero rows
-            body = [b.nodes.pop()]
-            empty = [helper.make_node("Constant", [], [f"{pg}/no_rows"], name=f"{pg}/no_rows",
-                                      value=numpy_helper.from_array(np.zeros((0, nH * D), np.float32))),
-                     helper.make_node("Identity", [pk_in], [f"{pg}/key_kept"], name=f"{pg}/key_kept"),
-                     helper.make_node("Identity", [pv_in], [f"{pg}/value_kept"], name=f"{pg}/value_kept")]
-            b.nodes.append(_if(s["nonempty"], f"{pg}/if_rows", names, body, inner, empty,
-                               [f"{pg}/no_rows", f"{pg}/key_kept", f"{pg}/value_kept"]))
-            outs.append(names[0])
+            # an empty group (rows_g = 0) keeps its state: GroupQueryAttention cannot take zero rows
+            outs.append(_gate(b, len(b.nodes) - 1, s["nonempty"], pg, inner,
+                              [np.zeros((0, nH * D), np.float32), pk_in, pv_in], names))
         slots = b.op("Concat", outs, f"{tag}/out_slots", axis=0)
         b.nodes.append(helper.make_node("Gather", [slots, unpad_2d], [merged.output[0]], name=f"{tag}/unpad", axis=0))
 
@@ -441,7 +435,7 @@ def derive_ragged_graph(cpu_graph_path: Path, arch, out_name: str = RAGGED_GRAPH
 def _gate(b: _Builder, start: int, cond: str, tag: str, outs: list[str], empty: list, names=None) -> str:
     """Move b.nodes[start:] into If(cond)'s then-branch, producing `outs`; the else-branch gives `empty`
     (a zero-size array, or the name of a tensor to pass through). Returns the If's first output."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     body = b.nodes[start:]
     del b.nodes[start:]
@@ -456,12 +450,7 @@ def _gate(b: _Builder, start: int, cond: str, tag: str, outs: list[str], empty: 
                                                value=numpy_helper.from_array(e, out)))
         else_outs.append(out)
 
-    def sub(nodes, outputs, what):
-        return helper.make_graph(nodes, f"{tag}/{what}", [],
-                                 [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs])
-
-    b.nodes.append(helper.make_node("If", [cond], names, name=f"{tag}/if_rows",
-                                    then_branch=sub(body, outs, "then"), else_branch=sub(else_nodes, else_outs, "else")))
+    b.nodes.append(_if(cond, f"{tag}/if_rows", names, body, outs, else_nodes, else_outs))
     return names[0]
 
 

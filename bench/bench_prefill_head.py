@@ -50,7 +50,7 @@ def main() -> None:
 
             def unbound(path, threads, provider):  # the graph as exported: the default stays, not bindable
                 import onnxruntime as ort
-                return ort.InferenceSession(str(path), ort_engine._session_options(threads), providers=[provider])
+                return ort.InferenceSession(str(path), ort_engine._session_options(threads), providers=[provider]), 0
 
             ort_engine._open_session = unbound
         engine = ort_engine.OnnxRuntimeEngine(args.artifact, max_batch=args.repeats, threads=args.threads,

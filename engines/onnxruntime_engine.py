@@ -69,7 +69,8 @@ def _session_options(threads: int | None):
 
 
 def _open_session(path: Path, threads: int | None, provider: str):
-    """The graph's session, with `num_logits_to_keep` made a plain input.
+    """The graph's session and how many of its nodes run our CPU kernels (`_use_cpu_kernels`), with
+    `num_logits_to_keep` made a plain input.
 
     Export declares it as an input with a default (an initializer of the same name), which
     ONNX Runtime treats as an overridable initializer: absent from `get_inputs()` and not
@@ -85,12 +86,32 @@ def _open_session(path: Path, threads: int | None, provider: str):
     model = onnx.load(str(path), load_external_data=False)
     inputs = {i.name for i in model.graph.input}
     defaults = [t for t in model.graph.initializer if t.name == NUM_LOGITS_TO_KEEP and t.name in inputs]
-    if not defaults:
-        return ort.InferenceSession(str(path), options, providers=[provider])
     for t in defaults:
         model.graph.initializer.remove(t)
+    fast = _use_cpu_kernels(model, options) if provider == "CPUExecutionProvider" else 0
+    if not defaults and not fast:
+        return ort.InferenceSession(str(path), options, providers=[provider]), 0
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=[provider]), fast
+
+
+def _use_cpu_kernels(model, options) -> int:
+    """Register our CPU kernel library (engines/kernels) and point the graph's eligible 4-bit
+    MatMulNBits at it; 0 (the graph untouched) where it is not built or this CPU lacks AVX2/FMA."""
+    from . import kernels
+
+    library = kernels.available()
+    if library is None:
+        return 0
+    try:
+        options.register_custom_ops_library(str(library))
+    except Exception as exc:  # an unloadable library must not stop serving: MLAS runs the graph
+        log.warning("CPU kernels at %s not loaded (%s); using ONNX Runtime's own", library, exc)
+        return 0
+    count = kernels.use_kernels(model)
+    if count:
+        log.info("CPU kernels: %d 4-bit MatMulNBits run as %s.%s", count, kernels.DOMAIN, kernels.OP)
+    return count
 
 
 def available_providers() -> list[str]:
@@ -138,7 +159,9 @@ class OnnxRuntimeEngine(Engine):
         # Recurrent (Mamba) state changes with every token fed, so rows that do not
         # decode this step must not be run at all (no dummy rows in a decode call).
         self._recurrent = any(st["kind"] != "kv" for st in self.states)
-        self.session = _open_session(graph_path(self.artifact, manifest, self.graph_name), threads, provider)
+        # cpu_kernel_nodes: how many nodes run engines/kernels' code instead of ONNX Runtime's
+        self.session, self.cpu_kernel_nodes = _open_session(graph_path(self.artifact, manifest, self.graph_name),
+                                                            threads, provider)
         self._input_names = {i.name for i in self.session.get_inputs()}
         self.memory = memory_for(provider)
         self.capacity = 0

@@ -9,3 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# Our AVX2 4-bit CPU kernel (engines/kernels): ONNX Runtime's headers from Debian's package, compiled
+# with g++ into ~/.cache/granite-deploy/kernels. Without it the engine runs ONNX Runtime's own kernels.
+.venv/bin/python -m granite_deploy.engines.kernels > /dev/null \
+    || echo "setup: CPU kernels not built (see above); 4-bit artifacts will run on ONNX Runtime's MatMulNBits" >&2

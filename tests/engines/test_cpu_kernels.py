@@ -1,0 +1,195 @@
+"""engines/kernels: ai.granite_deploy.MatMulQ4 against ONNX Runtime's own MatMulNBits (same packed
+weights, same int8 input quantisation: the outputs agree to float rounding), the graph rewrite's
+eligibility rules, the build's failure modes, and a 4-bit engine with and without the kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from granite_deploy.engines import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.cpu_supported(), reason="MatMulQ4 needs an x86-64 CPU with AVX2 and FMA")
+
+
+@pytest.fixture(scope="module")
+def library():
+    return kernels.build()  # scripts/setup.sh built it already; a failure here is a real failure
+
+
+def _weights(rng, k: int, n: int, block: int):
+    packed = rng.integers(0, 256, size=(n, k // block, block // 2), dtype=np.uint8)
+    scales = (rng.random(n * (k // block), dtype=np.float32) * 0.05 + 0.001).astype(np.float32)
+    return packed, scales
+
+
+def _session(library, k, n, block, packed, scales, *, ours: bool, rank: int = 2, extra_attrs=None):
+    import onnxruntime as ort
+
+    attrs = dict(K=k, N=n, bits=4, block_size=block, accuracy_level=4, **(extra_attrs or {}))
+    node = helper.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", **attrs)
+    in_shape = ["M", k] if rank == 2 else ["b", "s", k]
+    out_shape = in_shape[:-1] + [n]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, out_shape)],
+                              initializer=[numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if ours:
+        options.register_custom_ops_library(str(library))
+        assert kernels.use_kernels(model) == 1
+        assert model.graph.node[0].op_type == kernels.OP
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _dequantized(packed, scales, k, n, block):
+    w = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, k).astype(np.float32) - 8.0
+    return w * np.repeat(scales.reshape(n, k // block), block, axis=1)
+
+
+@pytest.mark.parametrize("k,n,block", [(128, 1, 32), (256, 7, 32), (384, 100, 64), (512, 300, 128),
+                                       (2048, 513, 32), (1024, 64, 256)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 33])
+def test_matches_matmulnbits(library, k, n, block, m):
+    rng = np.random.default_rng(k * 1000 + n * 10 + m)
+    packed, scales = _weights(rng, k, n, block)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    a[0, :block] *= 40.0  # one block far larger than the rest: per-block input scales must not mix
+    ref = _session(library, k, n, block, packed, scales, ours=False).run(None, {"A": a})[0]
+    got = _session(library, k, n, block, packed, scales, ours=True).run(None, {"A": a})[0]
+    assert got.shape == ref.shape == (m, n)
+    # Same int8 inputs, exact int32 dot products: only the fp32 summation order differs.
+    assert np.abs(got - ref).max() <= 2e-5 * np.abs(ref).max()
+    w = _dequantized(packed, scales, k, n, block)
+    bound = 1e-2 * (np.abs(a) @ np.abs(w).T)  # int8 input rounding: < 1/254 of each |a| per term
+    assert (np.abs(got - a @ w.T) <= bound).all()
+
+
+def test_leading_dims_and_empty_input(library):
+    rng = np.random.default_rng(7)
+    k, n, block = 256, 40, 32
+    packed, scales = _weights(rng, k, n, block)
+    ours = _session(library, k, n, block, packed, scales, ours=True, rank=3)
+    ref = _session(library, k, n, block, packed, scales, ours=False, rank=3)
+    a = rng.standard_normal((2, 5, k), dtype=np.float32)
+    got, want = ours.run(None, {"A": a})[0], ref.run(None, {"A": a})[0]
+    assert got.shape == (2, 5, n)
+    assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()
+    assert ours.run(None, {"A": np.zeros((1, 0, k), np.float32)})[0].shape == (1, 0, n)
+
+
+def _node(**attrs):
+    inputs = attrs.pop("inputs", ["A", "B", "S"])
+    base = dict(K=256, N=8, bits=4, block_size=32, accuracy_level=4)
+    base.update(attrs)
+    return helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", **base)
+
+
+@pytest.mark.parametrize("attrs,eligible", [
+    ({}, True),
+    ({"bits": 8}, False),  # 8-bit: MLAS's
+    ({"accuracy_level": 0}, False),  # float compute asked for: not ours to change
+    ({"block_size": 16}, False),
+    ({"block_size": 512}, False),  # MLAS quantises the input of such blocks in parts
+    ({"K": 192}, False),  # not a multiple of 128
+    ({"inputs": ["A", "B", "S", "zp"]}, False),  # explicit zero points
+    ({"inputs": ["A", "B", "S", ""]}, True),  # an omitted optional input is no input
+    ({"inputs": ["A", "W", "S"]}, False),  # weights computed at run time
+])
+def test_eligibility(attrs, eligible):
+    assert kernels.eligible(_node(**attrs), {"B", "S", "zp"}) is eligible
+
+
+def test_rewrite_reaches_subgraphs_and_declares_the_domain():
+    inner = helper.make_graph([_node()], "then", [], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    cond = helper.make_node("If", ["c"], ["Z"], then_branch=inner, else_branch=inner)
+    init = [numpy_helper.from_array(np.zeros((8, 8, 16), np.uint8), "B"),
+            numpy_helper.from_array(np.zeros(64, np.float32), "S")]
+    graph = helper.make_graph([_node(), cond], "g", [], [], initializer=init)
+    model = helper.make_model(graph)
+    assert kernels.use_kernels(model) == 3
+    assert {n.op_type for n in model.graph.node} == {kernels.OP, "If"}
+    assert [a.name for a in model.graph.node[0].attribute] == ["K", "N", "bits", "block_size"]
+    assert sum(o.domain == kernels.DOMAIN for o in model.opset_import) == 1
+
+
+def _isolated_cache(tmp_path, monkeypatch):
+    """A cache folder of its own with the headers already unpacked (no download in this test)."""
+    import shutil
+
+    real = kernels.cache_dir() / "headers" / "include"
+    shutil.copytree(real, tmp_path / "kernels" / "headers" / "include")
+    monkeypatch.setenv("GRANITE_DEPLOY_CACHE", str(tmp_path))
+
+
+def test_failed_compile_leaves_no_library(library, tmp_path, monkeypatch):
+    _isolated_cache(tmp_path, monkeypatch)
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(kernels.KernelBuildError, match="compiling q4_matmul.cc failed"):
+        kernels.build()
+    assert not list((tmp_path / "kernels").glob("*/*.so*"))
+    assert kernels.available() is None  # so the engine falls back to ONNX Runtime's kernels
+
+
+def test_no_compiler_is_a_clear_error(library, tmp_path, monkeypatch):
+    _isolated_cache(tmp_path, monkeypatch)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(kernels.KernelBuildError, match=r"no C\+\+ compiler"):
+        kernels.build()
+
+
+def test_disabled_by_environment(library, monkeypatch):
+    assert kernels.available() == library
+    monkeypatch.setenv(kernels.DISABLE_ENV, "0")
+    assert kernels.available() is None
+
+
+# --- a whole 4-bit engine ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def int4_artifact_k128(tmp_path_factory):
+    """A tiny checkpoint wide enough (hidden 128, MLP 256) for every MatMulNBits to be eligible."""
+    from granite_deploy.export.exporter import export
+    from granite_deploy.export.quantize import quantize
+    from granite_deploy.export.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("k128")
+    ckpt = make_tiny_checkpoint(root / "ckpt", hidden_size=128, intermediate_size=256, shared_intermediate_size=256,
+                                num_attention_heads=4, num_key_value_heads=2)
+    fp32 = export(ckpt, root / "fp32")
+    return quantize(fp32, root / "int4", "int4", skip_gate=True)  # random weights: the gate is not the point here
+
+
+def _run(artifact, monkeypatch, enabled: bool, prompts, steps: int):
+    from granite_deploy.engines.base import Chunk
+    from granite_deploy.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1" if enabled else "0")
+    engine = OnnxRuntimeEngine(artifact, max_batch=4, max_seq_len=64, threads=2)
+    try:
+        nodes = engine.cpu_kernel_nodes
+        for s in range(len(prompts)):
+            engine.reserve(s)
+        logits = engine.step([Chunk(s, tuple(p), 0) for s, p in enumerate(prompts)])
+        all_logits, tokens = [logits], [list(p) for p in prompts]
+        for _ in range(steps):
+            nxt = logits.argmax(-1)
+            chunks = [Chunk(s, (int(nxt[s]),), len(tokens[s])) for s in range(len(prompts))]
+            for s in range(len(prompts)):
+                tokens[s].append(int(nxt[s]))
+            logits = engine.step(chunks)
+            all_logits.append(logits)
+        return nodes, tokens, np.stack(all_logits)
+    finally:
+        engine.close()
+
+
+def test_engine_with_kernels_matches_onnxruntime(library, int4_artifact_k128, monkeypatch):
+    prompts = [[5, 17, 42, 99, 7, 3, 250, 11, 64], [12, 300, 8], [77] * 20]
+    n_ours, tokens_ours, logits_ours = _run(int4_artifact_k128, monkeypatch, True, prompts, 12)
+    n_ort, tokens_ort, logits_ort = _run(int4_artifact_k128, monkeypatch, False, prompts, 12)
+    assert n_ort == 0
+    assert n_ours == 3 * 4 + 1  # every layer's qkv, o, gate+up, down, and the tied head
+    assert tokens_ours == tokens_ort
+    assert np.abs(logits_ours - logits_ort).max() <= 1e-3 * np.abs(logits_ort).max()

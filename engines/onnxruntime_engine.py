@@ -110,7 +110,8 @@ def _use_cpu_kernels(model, options) -> int:
         return 0
     count = kernels.use_kernels(model)
     if count:
-        log.info("CPU kernels: %d 4-bit MatMulNBits run as %s.%s", count, kernels.DOMAIN, kernels.OP)
+        log.info("CPU kernels: %d 4-bit MatMulNBits run as %s.%s (%s)", count, kernels.DOMAIN, kernels.OP,
+                 kernels.isa(library))
     return count
 
 

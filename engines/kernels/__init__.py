@@ -1,7 +1,9 @@
 """Our own ONNX Runtime CPU kernels, built on the machine that runs them (`granite-deploy kernels build`).
 
-One so far: `ai.granite_deploy.MatMulQ4` (q4_matmul.cc), ONNX Runtime's 4-bit `MatMulNBits` over the
-same packed weights and scales, for AVX2 + FMA. The artifact keeps the standard `com.microsoft`
+One so far: `ai.granite_deploy.MatMulQ4` (q4_matmul.cc, q4_tile.h), ONNX Runtime's 4-bit `MatMulNBits`
+over the same packed weights and scales, for AVX2 + FMA, with an AVX-512 VNNI variant chosen at load
+where the CPU has it (not executed on this project's machines, which lack VNNI: it is used only after
+it reproduced the AVX2 path bit for bit on the machine itself). The artifact keeps the standard `com.microsoft`
 node; when the library is built and the CPU has AVX2 and FMA, the engine rewrites the eligible
 nodes of the graph it loads, in memory (`use_kernels`), so an artifact runs unchanged where the
 library is absent (MLAS then runs them, with the same numerics: both quantise the input to int8
@@ -29,6 +31,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4_matmul.cc")
+SOURCES = (SOURCE, Path(__file__).with_name("q4_tile.h"))  # what the library is built from
 DOMAIN = "ai.granite_deploy"
 OP = "MatMulQ4"
 HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
@@ -47,7 +50,7 @@ def cache_dir() -> Path:
 
 
 def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CXXFLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(CXXFLAGS).encode()).hexdigest()[:16]
     return cache_dir() / digest / "libgranite_kernels.so"
 
 
@@ -67,6 +70,16 @@ def available() -> Path | None:
         return None
     path = library_path()
     return path if path.is_file() else None
+
+
+def isa(library: Path) -> str:
+    """The instruction set MatMulQ4 chose in this process ("avx2", or "avx512vnni" where the CPU has it
+    and its outputs matched the AVX2 path's bit for bit at registration); call after registering."""
+    import ctypes
+
+    fn = ctypes.CDLL(str(library)).GraniteQ4Isa
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def _deb_member(deb: bytes, prefix: str) -> bytes:

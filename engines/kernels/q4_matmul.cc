@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -82,74 +83,35 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
-// Rows [m0, m0+R) x columns [n0, n1) of Y. One column at a time: B is then read as one sequential
-// stream (columns are contiguous), prefetched kPrefetch bytes ahead, which is what lets one core
-// stream at ~17 GB/s here; reading 4 columns side by side (4 streams) halved that. With one or
-// two rows each row keeps two accumulators (even and odd pairs) so no fma waits on the last.
-template <int R, bool kBlock32>
-void tile(const QuantizedInput& in, int64_t m0, const uint8_t* B, const float* scales, int64_t K,
-          int64_t N, int64_t block, int64_t n0, int64_t n1, float* Y) {
-  constexpr int kAcc = R <= 2 ? 2 : 1;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i dup = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-  const int64_t pairs = K / 64, blocks = K / block, row_bytes = K / 2;
-  const int pair_shift = __builtin_ctzll(static_cast<uint64_t>(block / 64 ? block / 64 : 1));  // pairs per block, log2
-  const int8_t* q[R];
-  const float* sa[R];
-  const int32_t* corr[R];
-  for (int r = 0; r < R; ++r) {
-    q[r] = in.q_row(m0 + r);
-    sa[r] = in.scale_row(m0 + r);
-    corr[r] = in.corr_row(m0 + r);
-  }
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* w = B + n * row_bytes;
-    const float* sw = scales + n * blocks;
-    __m256 acc[R][kAcc];
-    for (int r = 0; r < R; ++r)
-      for (int h = 0; h < kAcc; ++h) acc[r][h] = _mm256_setzero_ps();
-    for (int64_t p = 0; p < pairs; p += 2) {  // K % 128 == 0: pairs is even
-      _mm_prefetch(reinterpret_cast<const char*>(w + p * 32) + kPrefetch, _MM_HINT_T0);
-      if ((p & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(sw + 2 * p) + kPrefetch / 4, _MM_HINT_T0);
-      for (int h = 0; h < 2; ++h) {
-        const int64_t pp = p + h;
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + pp * 32));
-        const __m256i lo = _mm256_and_si256(x, low4);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
-        const __m256 s =
-            kBlock32 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(
-                                                    _mm_load_sd(reinterpret_cast<const double*>(sw + 2 * pp)))),
-                                                dup)
-                     : _mm256_broadcast_ss(sw + (pp >> pair_shift));
-        for (int r = 0; r < R; ++r) {
-          const __m256i d = _mm256_add_epi16(
-              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + pp * 64))),
-              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + pp * 64 + 32))));
-          const __m256i i32 = _mm256_add_epi32(
-              _mm256_madd_epi16(d, ones), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr[r] + pp * 8)));
-          __m256& a = acc[r][kAcc == 2 ? h : 0];
-          a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_mul_ps(s, _mm256_loadu_ps(sa[r] + pp * 8)), a);
-        }
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      Y[(m0 + r) * N + n] = hsum(kAcc == 2 ? _mm256_add_ps(acc[r][0], acc[r][kAcc - 1]) : acc[r][0]);
-  }
-}
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 
-template <bool kBlock32>
-void columns(const QuantizedInput& in, int64_t M, const uint8_t* B, const float* scales, int64_t K, int64_t N,
-             int64_t block, int64_t n0, int64_t n1, float* Y) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<4, kBlock32>(in, m, B, scales, K, N, block, n0, n1, Y);
-  switch (M - m) {
-    case 3: tile<3, kBlock32>(in, m, B, scales, K, N, block, n0, n1, Y); break;
-    case 2: tile<2, kBlock32>(in, m, B, scales, K, N, block, n0, n1, Y); break;
-    case 1: tile<1, kBlock32>(in, m, B, scales, K, N, block, n0, n1, Y); break;
-    default: break;
-  }
-}
+// AVX2: vpmaddubsw (u8 weights x s8 input, pairs to int16: at most 2*15*127, no saturation), the
+// two halves added (at most 7620), vpmaddwd to int32 (each lane: 4 consecutive bytes), + correction.
+namespace avx2 {
+#define Q4_DOT(lo, hi, qp, cp)                                                                            \
+  _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, load256(qp)),                \
+                                                      _mm256_maddubs_epi16(hi, load256((qp) + 32))),       \
+                                     ones),                                                                \
+                   load256(cp))
+#include "q4_tile.h"
+#undef Q4_DOT
+}  // namespace avx2
+
+// AVX-512 VNNI (256-bit, EVEX): vpdpbusd sums the same 4 bytes per int32 lane into the correction,
+// so every integer, and then every float operation, is the same as the AVX2 path's: bit-identical
+// outputs (RegisterCustomOps checks that on the machine before using it).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
+namespace vnni {
+#define Q4_DOT(lo, hi, qp, cp) \
+  _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(load256(cp), lo, load256(qp)), hi, load256((qp) + 32))
+#include "q4_tile.h"
+#undef Q4_DOT
+}  // namespace vnni
+#pragma GCC pop_options
+
+bool g_vnni = false;  // set once by RegisterCustomOps
+const char* g_isa = "avx2";
 
 struct Job {
   const float* A;
@@ -170,10 +132,9 @@ void quantize_task(void* data, size_t m) {
 void matmul_task(void* data, size_t t) {
   auto* job = static_cast<Job*>(data);
   const int64_t n0 = static_cast<int64_t>(t) * job->chunk, n1 = std::min(job->N, n0 + job->chunk);
-  if (job->block == 32)
-    columns<true>(*job->in, job->M, job->B, job->scales, job->K, job->N, job->block, n0, n1, job->Y);
-  else
-    columns<false>(*job->in, job->M, job->B, job->scales, job->K, job->N, job->block, n0, n1, job->Y);
+  const auto run = g_vnni ? (job->block == 32 ? vnni::columns<true> : vnni::columns<false>)
+                         : (job->block == 32 ? avx2::columns<true> : avx2::columns<false>);
+  run(*job->in, job->M, job->B, job->scales, job->K, job->N, job->block, n0, n1, job->Y);
 }
 
 struct MatMulQ4Kernel {
@@ -232,9 +193,41 @@ struct MatMulQ4Op : Ort::CustomOpBase<MatMulQ4Op, MatMulQ4Kernel> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+// Both paths on one small problem (5 rows: the 4-row and 1-row tiles; blocks 32 and 64); VNNI is
+// used only if this CPU has it and its outputs equal the AVX2 path's bit for bit.
+bool vnni_agrees() {
+  constexpr int64_t M = 5, K = 256, N = 3;
+  std::vector<uint8_t> B(N * K / 2);
+  std::vector<float> A(M * K), S(N * K / 32), y0(M * N), y1(M * N);
+  uint32_t state = 12345;
+  auto next = [&state] { state = state * 1664525u + 1013904223u; return state >> 8; };
+  for (auto& b : B) b = static_cast<uint8_t>(next());
+  for (auto& a : A) a = static_cast<float>(static_cast<int>(next() % 2001) - 1000) / 250.f;
+  for (auto& s : S) s = static_cast<float>(next() % 1000 + 1) / 10000.f;
+  for (int64_t block : {32, 64}) {
+    QuantizedInput in;
+    in.pairs = K / 64;
+    in.q.resize(M * K);
+    in.scale.resize(M * in.pairs * 8);
+    in.corr.resize(M * in.pairs * 8);
+    for (int64_t m = 0; m < M; ++m)
+      quantize_row(A.data() + m * K, K, block, in.q.data() + m * K, in.scale.data() + m * in.pairs * 8,
+                   in.corr.data() + m * in.pairs * 8);
+    const auto a2 = block == 32 ? avx2::columns<true> : avx2::columns<false>;
+    const auto v = block == 32 ? vnni::columns<true> : vnni::columns<false>;
+    a2(in, M, B.data(), S.data(), K, N, block, 0, N, y0.data());
+    v(in, M, B.data(), S.data(), K, N, block, 0, N, y1.data());
+    if (std::memcmp(y0.data(), y1.data(), y0.size() * sizeof(float)) != 0) return false;
+  }
+  return true;
+}
+
 MatMulQ4Op op;
 
 }  // namespace
+
+// Which instruction set this process's MatMulQ4 runs ("avx2" or "avx512vnni"), for logs.
+extern "C" __attribute__((visibility("default"))) const char* GraniteQ4Isa() { return g_isa; }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
@@ -243,6 +236,14 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   __builtin_cpu_init();
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
     return api->CreateStatus(ORT_NOT_IMPLEMENTED, "granite-deploy MatMulQ4 needs AVX2 and FMA");
+  static const bool vnni = [] {
+    const char* want = std::getenv("GRANITE_DEPLOY_Q4_ISA");  // "avx2": never VNNI (A/B runs)
+    if (want != nullptr && std::strcmp(want, "avx2") == 0) return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") && vnni_agrees();
+  }();
+  g_vnni = vnni;
+  g_isa = vnni ? "avx512vnni" : "avx2";
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
   if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op)) return status;

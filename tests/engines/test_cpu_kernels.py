@@ -4,6 +4,8 @@ eligibility rules, the build's failure modes, and a 4-bit engine with and withou
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -138,6 +140,14 @@ def test_no_compiler_is_a_clear_error(library, tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     with pytest.raises(kernels.KernelBuildError, match=r"no C\+\+ compiler"):
         kernels.build()
+
+
+def test_isa_is_reported(library):
+    import onnxruntime as ort
+
+    ort.SessionOptions().register_custom_ops_library(str(library))
+    cpu = Path("/proc/cpuinfo").read_text()
+    assert kernels.isa(library) == ("avx512vnni" if " avx512_vnni" in cpu else "avx2")
 
 
 def test_disabled_by_environment(library, monkeypatch):

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -51,7 +52,19 @@ void quantize_row(const float* a, int64_t K, int64_t block, int8_t* q, float* sc
   for (int64_t b = 0; b < K / block; ++b) {
     const float* x = a + b * block;
     float amax = 0.f;
-    for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(x[i]));
+    bool finite = true;
+    for (int64_t i = 0; i < block; ++i) {
+      const float v = std::fabs(x[i]);
+      finite &= v <= std::numeric_limits<float>::max();  // false for NaN and inf
+      amax = std::max(amax, v);
+    }
+    if (!finite) {
+      // A NaN or inf must reach the output as NaN (as it does through MLAS), not as an
+      // undefined int8 cast: a NaN block scale carries it through every column of this row.
+      block_scale[b] = std::numeric_limits<float>::quiet_NaN();
+      std::memset(plain.data() + b * block, 0, block);
+      continue;
+    }
     const float s = amax / 127.f;
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
     block_scale[b] = s;

@@ -54,11 +54,74 @@ void tile(const QuantizedInput& in, int64_t m0, const uint8_t* B, const float* s
   }
 }
 
+// Rows [m0, m0+4) x C columns side by side (Q4_COLS > 1: only where 32 vector registers hold the
+// 4*C accumulators): each row's activations are loaded once for C columns instead of once per
+// column. Per (row, column) the operations and their order are tile<4>'s, so the results are too.
+template <int C, bool kBlock32>
+void tile4(const QuantizedInput& in, int64_t m0, const uint8_t* B, const float* scales, int64_t K,
+           int64_t N, int64_t block, int64_t n0, int64_t n1, float* Y) {
+  constexpr int R = 4;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i dup = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const int64_t pairs = K / 64, blocks = K / block, row_bytes = K / 2;
+  const int pair_shift = __builtin_ctzll(static_cast<uint64_t>(block / 64 ? block / 64 : 1));
+  const int8_t* q[R];
+  const float* sa[R];
+  const int32_t* corr[R];
+  for (int r = 0; r < R; ++r) {
+    q[r] = in.q_row(m0 + r);
+    sa[r] = in.scale_row(m0 + r);
+    corr[r] = in.corr_row(m0 + r);
+  }
+  int64_t n = n0;
+  for (; n + C <= n1; n += C) {
+    const uint8_t* w[C];
+    const float* sw[C];
+    __m256 acc[R][C];
+    for (int c = 0; c < C; ++c) {
+      w[c] = B + (n + c) * row_bytes;
+      sw[c] = scales + (n + c) * blocks;
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_setzero_ps();
+    }
+    for (int64_t pp = 0; pp < pairs; ++pp) {
+      __m256i lo[C], hi[C];
+      __m256 s[C];
+      for (int c = 0; c < C; ++c) {
+        if ((pp & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(w[c] + pp * 32) + kPrefetch, _MM_HINT_T0);
+        if ((pp & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(sw[c] + 2 * pp) + kPrefetch / 4, _MM_HINT_T0);
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[c] + pp * 32));
+        lo[c] = _mm256_and_si256(x, low4);
+        hi[c] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
+        s[c] = kBlock32 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(
+                                                       _mm_load_sd(reinterpret_cast<const double*>(sw[c] + 2 * pp)))),
+                                                   dup)
+                        : _mm256_broadcast_ss(sw[c] + (pp >> pair_shift));
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256 a_scale = _mm256_loadu_ps(sa[r] + pp * 8);
+        for (int c = 0; c < C; ++c) {
+          const __m256i i32 = Q4_DOT(lo[c], hi[c], q[r] + pp * 64, corr[r] + pp * 8);
+          acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_mul_ps(s[c], a_scale), acc[r][c]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) Y[(m0 + r) * N + n + c] = hsum(acc[r][c]);
+  }
+  if (n < n1) tile<4, kBlock32>(in, m0, B, scales, K, N, block, n, n1, Y);
+}
+
 template <bool kBlock32>
 void columns(const QuantizedInput& in, int64_t M, const uint8_t* B, const float* scales, int64_t K, int64_t N,
              int64_t block, int64_t n0, int64_t n1, float* Y) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) tile<4, kBlock32>(in, m, B, scales, K, N, block, n0, n1, Y);
+  for (; m + 4 <= M; m += 4) {
+    if constexpr (Q4_COLS > 1)
+      tile4<Q4_COLS, kBlock32>(in, m, B, scales, K, N, block, n0, n1, Y);
+    else
+      tile<4, kBlock32>(in, m, B, scales, K, N, block, n0, n1, Y);
+  }
   switch (M - m) {
     case 3: tile<3, kBlock32>(in, m, B, scales, K, N, block, n0, n1, Y); break;
     case 2: tile<2, kBlock32>(in, m, B, scales, K, N, block, n0, n1, Y); break;

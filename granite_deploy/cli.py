@@ -716,10 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="new artifact folder to write")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--int8", action="store_true",
-                     help="8-bit, the fastest form on CPU: int8 per-channel weights (7-bit values), activations quantised per token "
-                          "at run time (MatMulInteger integer GEMMs; the same as --int8-dynamic; ONNX Runtime only)")
+                     help="8-bit integer GEMMs: int8 per-channel weights (7-bit values), activations quantised per token at run "
+                          "time (MatMulInteger; the same as --int8-dynamic; ONNX Runtime only). Fastest 8-bit form on "
+                          "AVX2-only CPUs, and for prefill everywhere")
     how.add_argument("--int8-weight-only", action="store_true",
-                     help="8-bit weight-only MatMulNBits, float activations (ONNX Runtime only)")
+                     help="8-bit weight-only MatMulNBits, float activations (ONNX Runtime only). Faster decode than --int8 on "
+                          "AVX-512 VNNI CPUs (MLAS has a VNNI kernel for it; README, Benchmarks)")
     how.add_argument("--int4", action="store_true", help="4-bit weight-only MatMulNBits (ONNX Runtime only)")
     how.add_argument("--int8-qdq", action="store_true",
                      help="int8 per-channel weights + DequantizeLinear, standard ops (TensorRT and ONNX Runtime)")

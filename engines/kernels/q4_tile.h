@@ -2,6 +2,21 @@
 // AVX-512 VNNI enabled, each with its own Q4_DOT (the int32 sums of one row x 64 weights, the
 // zero-point correction included). Not a standalone header.
 
+// Where rows m0.. of the quantised input start: activations, their scales, their corrections.
+template <int R>
+struct Rows {
+  const int8_t* q[R];
+  const float* sa[R];
+  const int32_t* corr[R];
+  Rows(const QuantizedInput& in, int64_t m0) {
+    for (int r = 0; r < R; ++r) {
+      q[r] = in.q_row(m0 + r);
+      sa[r] = in.scale_row(m0 + r);
+      corr[r] = in.corr_row(m0 + r);
+    }
+  }
+};
+
 // Rows [m0, m0+R) x columns [n0, n1) of Y. One column at a time: B is then read as one sequential
 // stream (columns are contiguous), prefetched kPrefetch bytes ahead, which is what lets one core
 // stream at ~17 GB/s here; reading 4 columns side by side (4 streams) halved that. With one or
@@ -15,14 +30,10 @@ void tile(const QuantizedInput& in, int64_t m0, const uint8_t* B, const float* s
   const __m256i dup = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   const int64_t pairs = K / 64, blocks = K / block, row_bytes = K / 2;
   const int pair_shift = __builtin_ctzll(static_cast<uint64_t>(block / 64 ? block / 64 : 1));  // pairs per block, log2
-  const int8_t* q[R];
-  const float* sa[R];
-  const int32_t* corr[R];
-  for (int r = 0; r < R; ++r) {
-    q[r] = in.q_row(m0 + r);
-    sa[r] = in.scale_row(m0 + r);
-    corr[r] = in.corr_row(m0 + r);
-  }
+  const Rows<R> rows(in, m0);
+  const auto& q = rows.q;
+  const auto& sa = rows.sa;
+  const auto& corr = rows.corr;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = B + n * row_bytes;
     const float* sw = scales + n * blocks;
@@ -66,14 +77,10 @@ void tile4(const QuantizedInput& in, int64_t m0, const uint8_t* B, const float* 
   const __m256i dup = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   const int64_t pairs = K / 64, blocks = K / block, row_bytes = K / 2;
   const int pair_shift = __builtin_ctzll(static_cast<uint64_t>(block / 64 ? block / 64 : 1));
-  const int8_t* q[R];
-  const float* sa[R];
-  const int32_t* corr[R];
-  for (int r = 0; r < R; ++r) {
-    q[r] = in.q_row(m0 + r);
-    sa[r] = in.scale_row(m0 + r);
-    corr[r] = in.corr_row(m0 + r);
-  }
+  const Rows<R> rows(in, m0);
+  const auto& q = rows.q;
+  const auto& sa = rows.sa;
+  const auto& corr = rows.corr;
   int64_t n = n0;
   for (; n + C <= n1; n += C) {
     const uint8_t* w[C];

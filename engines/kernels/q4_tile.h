@@ -17,6 +17,17 @@ struct Rows {
   }
 };
 
+// A column's weight scales for pair pp, lane-matched to Q4_DOT's sums: [s0 x4, s1 x4] when each
+// 32-weight unit has its own scale (block 32), else the one scale of the pair's block.
+template <bool kBlock32>
+inline __m256 pair_scales(const float* sw, int64_t pp, int pair_shift, __m256i dup) {
+  if constexpr (kBlock32)
+    return _mm256_permutevar8x32_ps(
+        _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sw + 2 * pp)))), dup);
+  else
+    return _mm256_broadcast_ss(sw + (pp >> pair_shift));
+}
+
 // Rows [m0, m0+R) x columns [n0, n1) of Y. One column at a time: B is then read as one sequential
 // stream (columns are contiguous), prefetched kPrefetch bytes ahead, which is what lets one core
 // stream at ~17 GB/s here; reading 4 columns side by side (4 streams) halved that. With one or
@@ -48,11 +59,7 @@ void tile(const QuantizedInput& in, int64_t m0, const uint8_t* B, const float* s
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + pp * 32));
         const __m256i lo = _mm256_and_si256(x, low4);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
-        const __m256 s =
-            kBlock32 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(
-                                                    _mm_load_sd(reinterpret_cast<const double*>(sw + 2 * pp)))),
-                                                dup)
-                     : _mm256_broadcast_ss(sw + (pp >> pair_shift));
+        const __m256 s = pair_scales<kBlock32>(sw, pp, pair_shift, dup);
         for (int r = 0; r < R; ++r) {
           const __m256i i32 = Q4_DOT(lo, hi, q[r] + pp * 64, corr[r] + pp * 8);
           __m256& a = acc[r][kAcc == 2 ? h : 0];
@@ -100,10 +107,7 @@ void tile4(const QuantizedInput& in, int64_t m0, const uint8_t* B, const float* 
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[c] + pp * 32));
         lo[c] = _mm256_and_si256(x, low4);
         hi[c] = _mm256_and_si256(_mm256_srli_epi16(x, 4), low4);
-        s[c] = kBlock32 ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(
-                                                       _mm_load_sd(reinterpret_cast<const double*>(sw[c] + 2 * pp)))),
-                                                   dup)
-                        : _mm256_broadcast_ss(sw[c] + (pp >> pair_shift));
+        s[c] = pair_scales<kBlock32>(sw[c], pp, pair_shift, dup);
       }
       for (int r = 0; r < R; ++r) {
         const __m256 a_scale = _mm256_loadu_ps(sa[r] + pp * 8);

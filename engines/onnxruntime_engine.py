@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,31 +89,40 @@ def _open_session(path: Path, threads: int | None, provider: str):
     defaults = [t for t in model.graph.initializer if t.name == NUM_LOGITS_TO_KEEP and t.name in inputs]
     for t in defaults:
         model.graph.initializer.remove(t)
-    fast = _use_cpu_kernels(model, options) if provider == "CPUExecutionProvider" else 0
+    rewrite = _use_cpu_kernels(model, options, path.parent) if provider == "CPUExecutionProvider" else None
+    fast = rewrite.nodes if rewrite is not None else 0
     if not defaults and not fast:
         return ort.InferenceSession(str(path), options, providers=[provider]), 0
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    return ort.InferenceSession(model.SerializeToString(), options, providers=[provider]), fast
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+    return (rewrite.keep_with(session) if fast else session), fast
 
 
-def _use_cpu_kernels(model, options) -> int:
+def _use_cpu_kernels(model, options, folder: Path):
     """Register our CPU kernel library (engines/kernels) and point the graph's eligible 4-bit
-    MatMulNBits at it; 0 (the graph untouched) where it is not built or this CPU lacks AVX2/FMA."""
+    MatMulNBits at it, over tiled copies of their weights given to the session; None (the graph
+    untouched) where it is not built, this CPU lacks AVX2/FMA, or the weights cannot be read."""
     from . import kernels
 
     library = kernels.available()
     if library is None:
-        return 0
+        return None
     try:
         options.register_custom_ops_library(str(library))
     except Exception as exc:  # an unloadable library must not stop serving: MLAS runs the graph
         log.warning("CPU kernels at %s not loaded (%s); using ONNX Runtime's own", library, exc)
-        return 0
-    count = kernels.use_kernels(model)
-    if count:
-        log.info("CPU kernels: %d 4-bit MatMulNBits run as %s.%s (%s)", count, kernels.DOMAIN, kernels.OP,
-                 kernels.isa(library))
-    return count
+        return None
+    started = time.perf_counter()
+    try:
+        rewrite = kernels.use_kernels(model, folder)
+    except kernels.KernelBuildError as exc:  # e.g. an external weight file it cannot read: MLAS runs
+        log.warning("CPU kernels not used: %s", exc)
+        return None
+    if rewrite.nodes:
+        rewrite.attach(options)
+        log.info("CPU kernels: %d 4-bit MatMulNBits run as %s.%s (%s); weights tiled in %.1f s", rewrite.nodes,
+                 kernels.DOMAIN, kernels.OP, kernels.isa(library), time.perf_counter() - started)
+    return rewrite
 
 
 def available_providers() -> list[str]:

@@ -28,6 +28,8 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4_matmul.cc")
@@ -160,29 +162,125 @@ def eligible(node, inputs_with_values: set[str]) -> bool:
             and 32 <= block <= 256 and block & (block - 1) == 0 and k % 128 == 0 and k % block == 0)
 
 
-def use_kernels(model) -> int:
-    """Rewrite the eligible MatMulNBits nodes of model (in place, subgraphs too) to MatMulQ4;
-    return how many. The caller registers the library with the session."""
-    from onnx import helper
+class KernelRewrite:
+    """What `use_kernels` did to a graph: how many nodes now run MatMulQ4, and their tiled weights,
+    which the session reads from this object's arrays (no copy) for as long as it lives."""
 
-    constants = {t.name for t in model.graph.initializer}
-    count = 0
+    def __init__(self) -> None:
+        self.nodes = 0
+        self.weights: dict[str, np.ndarray] = {}
+        self._values: list = []
+
+    def attach(self, options) -> None:
+        """Give the tiled weights to a session about to be created with options; keep this object
+        alive with the session (`keep_with`)."""
+        import onnxruntime as ort
+
+        for name, array in self.weights.items():
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            self._values.append(value)
+            options.add_initializer(name, value)
+
+    def keep_with(self, session):
+        session._granite_tiled_weights = self  # ONNX Runtime reads our buffers, it did not copy them
+        return session
+
+
+def _read_initializer(tensor, folder: Path | None) -> np.ndarray:
+    """An initializer's values, from the proto or, for external data, from its file under folder
+    (read directly: onnx's loader would keep a copy in the proto)."""
+    from onnx import TensorProto, external_data_helper, helper, numpy_helper
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    if folder is None:
+        raise KernelBuildError(f"initializer {tensor.name}: external data but no folder to read it from")
+    info = external_data_helper.ExternalDataInfo(tensor)
+    path = (folder / info.location).resolve()
+    if Path(info.location).is_absolute() or folder.resolve() not in path.parents:
+        raise KernelBuildError(f"initializer {tensor.name}: external data {info.location!r} is outside {folder}")
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims))
+    if info.length is not None and info.length != count * dtype.itemsize:
+        raise KernelBuildError(f"initializer {tensor.name}: {info.length} bytes in {info.location}, shape needs "
+                               f"{count * dtype.itemsize}")
+    data = np.fromfile(path, dtype=dtype, count=count, offset=info.offset or 0)
+    if data.size != count:
+        raise KernelBuildError(f"initializer {tensor.name}: {info.location} ends before its {count} values")
+    return data.reshape(tuple(tensor.dims))
+
+
+def use_kernels(model, folder: str | Path | None = None) -> KernelRewrite:
+    """Rewrite the eligible MatMulNBits nodes of model (in place, subgraphs too) to MatMulQ4 over
+    tiled copies of their weights (layout.py); external data is read from folder. The original
+    weights and scales leave the graph where nothing else uses them. The caller registers the
+    library and calls `attach` on the session options (`open_session` does both)."""
+    from onnx import TensorProto, helper
+
+    from .layout import tile
+
+    folder = Path(folder) if folder is not None else None
+    initializers = {t.name: t for t in model.graph.initializer}
+    rewrite = KernelRewrite()
+    tiled_names: dict[tuple[str, str], str] = {}
+
+    chosen = []
 
     def visit(graph):
-        nonlocal count
         for node in graph.node:
             for attr in node.attribute:
                 if attr.g is not None and attr.g.node:
                     visit(attr.g)
-            if eligible(node, constants):
-                keep = [a for a in node.attribute if a.name in ("K", "N", "bits", "block_size")]
-                del node.attribute[:]
-                node.attribute.extend(keep)
-                del node.input[3:]
-                node.op_type, node.domain = OP, DOMAIN
-                count += 1
+            if eligible(node, set(initializers)) and node.input[2] in initializers:
+                chosen.append(node)
 
     visit(model.graph)
-    if count and not any(o.domain == DOMAIN for o in model.opset_import):
+    # Every tiled copy is made before any node changes: an unreadable weight leaves the graph as it was.
+    for node in chosen:
+        attrs = {a.name: a.i for a in node.attribute}
+        key = (node.input[1], node.input[2])
+        if key not in tiled_names:
+            name = f"{node.input[1]}/{OP}_tiled"
+            packed = _read_initializer(initializers[key[0]], folder)
+            scales = _read_initializer(initializers[key[1]], folder)
+            k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+            if packed.size != n * k // 2 or scales.size != n * (k // block):
+                raise KernelBuildError(f"{node.name or node.output[0]}: weights {key[0]} ({packed.size} bytes) or scales "
+                                       f"{key[1]} ({scales.size}) do not fit K={k}, N={n}, block_size={block}")
+            rewrite.weights[name] = tile(packed, scales, attrs["K"], attrs["N"], attrs["block_size"])
+            tiled_names[key] = name
+    for node in chosen:
+        key = (node.input[1], node.input[2])
+        keep = [a for a in node.attribute if a.name in ("K", "N", "bits", "block_size")]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        node.input[1] = tiled_names[key]
+        del node.input[2:]
+        node.op_type, node.domain = OP, DOMAIN
+        rewrite.nodes += 1
+
+    if not rewrite.nodes:
+        return rewrite
+    used: set[str] = set()
+
+    def inputs_of(graph):
+        for node in graph.node:
+            used.update(node.input)
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    inputs_of(attr.g)
+
+    inputs_of(model.graph)
+    used.update(o.name for o in model.graph.output)
+    originals = {name for key in tiled_names for name in key} - used
+    kept = [t for t in model.graph.initializer if t.name not in originals]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for name in rewrite.weights:
+        # An overridable initializer (graph input + empty placeholder): the session takes the array
+        # given to add_initializer as is, where add_external_initializers would copy it.
+        model.graph.initializer.append(helper.make_tensor(name, TensorProto.UINT8, [0], b"", raw=True))
+        model.graph.input.append(helper.make_tensor_value_info(name, TensorProto.UINT8, None))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return count
+    return rewrite

@@ -1,12 +1,19 @@
 // ai.granite_deploy.MatMulQ4: ONNX Runtime's com.microsoft.MatMulNBits (bits 4, symmetric, accuracy
-// level 4) for the CPU provider, on AVX2 + FMA, over the same packed weights and scales.
+// level 4) for the CPU provider, on AVX2 + FMA (AVX-512 VNNI where the CPU has it), over the same
+// weights and scales rearranged once at load into a tiled layout (engines/kernels/layout.py).
 //
-// Why: on AVX2 without VNNI, MLAS's 4-bit kernel is compute-bound at ~19-21 GB/s for one row
-// and near-linear in rows after that (8 rows cost 3.8x one), while a decode step is a handful
-// of rows over every weight. Here the packed bytes are read once per tile of up to 4 rows; each
-// 32 bytes (64 weights, two 32-weight units) become two int8 vectors with one shift and two
-// ands, and meet the int8-quantised activations in vpmaddubsw. The nibbles stay unsigned
-// (vpmaddubsw's unsigned operand); the -8 zero point is one integer add per row per 64 weights.
+// Why: MLAS's 4-bit kernel (and this one's first form) forms each output as a dot product: 8
+// lanes of partial sums per (row, column, block), each block converted, scaled and added in
+// float, then summed across lanes. At 8 and more rows that per-block float work, not memory,
+// bounds the step. Here 8 columns sit side by side in each vector (the tiled layout), one row's
+// 4 input bytes are broadcast across them, and vpdpbusd (VNNI) or vpmaddubsw + vpmaddwd (AVX2)
+// sums whole blocks in int32 lanes that are already outputs: per block, one convert and one fma
+// per 8 outputs instead of per output.
+//
+// Tiled B: columns in groups of 8 (the last group padded with zero scales); a group is K/block
+// blocks of block*4 weight bytes and then the block's 8 fp32 column scales, so it is one stream.
+// Weight byte 4c + j of the block's 32-byte step t holds weight k = 8t + j of column c (low
+// nibble) and k = 8t + 4 + j (high nibble), unsigned, zero point 8.
 //
 // Numerics match accuracy level 4: the input is quantised to int8 per row per weight block
 // (scale = max|a| / 127, round to nearest), dot products are exact in int32, then scaled in fp32.
@@ -27,30 +34,32 @@
 namespace {
 
 constexpr const char* kDomain = "ai.granite_deploy";
-constexpr int64_t kRowTile = 4;      // rows sharing one pass over a column's weights
-constexpr int64_t kChunkBytes = 65536;  // weight bytes per parallel task (16 KiB streamed ~15% slower)
-constexpr int64_t kPrefetch = 2048;     // bytes ahead in B's stream (1-2 KiB measured best)
+constexpr int64_t kChunkBytes = 65536;  // tiled weight bytes per parallel task (16 KiB streamed ~15% slower)
+constexpr int64_t kPrefetch = 2048;     // bytes ahead in a group's stream (1-2 KiB measured best)
 
-// One call's int8 input: per row, K bytes in pair order (see quantize_row), and per pair of
-// 32-weight units a scale vector [s0 x4, s1 x4] and a zero-point correction [c0,0,0,0,c1,0,0,0].
+// One call's int8 input: per row, K bytes in k order, and per block its scale and zero-point
+// correction (-8 x the block's int8 sum: the weights are stored unsigned).
 struct QuantizedInput {
-  int64_t pairs = 0;
+  int64_t K = 0, blocks = 0;
   std::vector<int8_t> q;
   std::vector<float> scale;
   std::vector<int32_t> corr;
-  const int8_t* q_row(int64_t m) const { return q.data() + m * pairs * 64; }
-  const float* scale_row(int64_t m) const { return scale.data() + m * pairs * 8; }
-  const int32_t* corr_row(int64_t m) const { return corr.data() + m * pairs * 8; }
+  void resize(int64_t M, int64_t k, int64_t block) {
+    K = k;
+    blocks = k / block;
+    q.resize(static_cast<size_t>(M * K));
+    scale.resize(static_cast<size_t>(M * blocks));
+    corr.resize(static_cast<size_t>(M * blocks));
+  }
+  const int8_t* q_row(int64_t m) const { return q.data() + m * K; }
+  const float* scale_row(int64_t m) const { return scale.data() + m * blocks; }
+  const int32_t* corr_row(int64_t m) const { return corr.data() + m * blocks; }
 };
 
-// Weight byte j of a 32-byte pair holds weights 2j (low nibble) and 2j+1 (high) of unit j/16,
-// so the low nibbles are [unit0 evens | unit1 evens] and the high ones the odds: the input is
-// stored in that order, 32 bytes for the low half then 32 for the high half.
 void quantize_row(const float* a, int64_t K, int64_t block, int8_t* q, float* scale, int32_t* corr) {
-  std::vector<float> block_scale(K / block);
-  std::vector<int8_t> plain(K);
   for (int64_t b = 0; b < K / block; ++b) {
     const float* x = a + b * block;
+    int8_t* y = q + b * block;
     float amax = 0.f;
     bool finite = true;
     for (int64_t i = 0; i < block; ++i) {
@@ -61,72 +70,78 @@ void quantize_row(const float* a, int64_t K, int64_t block, int8_t* q, float* sc
     if (!finite) {
       // A NaN or inf must reach the output as NaN (as it does through MLAS), not as an
       // undefined int8 cast: a NaN block scale carries it through every column of this row.
-      block_scale[b] = std::numeric_limits<float>::quiet_NaN();
-      std::memset(plain.data() + b * block, 0, block);
+      scale[b] = std::numeric_limits<float>::quiet_NaN();
+      corr[b] = 0;
+      std::memset(y, 0, block);
       continue;
     }
-    const float s = amax / 127.f;
     const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    block_scale[b] = s;
-    for (int64_t i = 0; i < block; ++i) plain[b * block + i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
-  }
-  for (int64_t p = 0; p < K / 64; ++p) {
-    const int8_t* src = plain.data() + p * 64;
-    int8_t* dst = q + p * 64;
-    int32_t sum0 = 0, sum1 = 0;
-    for (int j = 0; j < 16; ++j) {
-      dst[j] = src[2 * j];
-      dst[16 + j] = src[32 + 2 * j];
-      dst[32 + j] = src[2 * j + 1];
-      dst[48 + j] = src[32 + 2 * j + 1];
+    int32_t sum = 0;
+    for (int64_t i = 0; i < block; ++i) {
+      y[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+      sum += y[i];
     }
-    for (int j = 0; j < 32; ++j) { sum0 += src[j]; sum1 += src[32 + j]; }
-    const float s0 = block_scale[(p * 64) / block], s1 = block_scale[(p * 64 + 32) / block];
-    for (int j = 0; j < 4; ++j) { scale[p * 8 + j] = s0; scale[p * 8 + 4 + j] = s1; }
-    std::memset(corr + p * 8, 0, 8 * sizeof(int32_t));
-    corr[p * 8] = -8 * sum0;
-    corr[p * 8 + 4] = -8 * sum1;
+    scale[b] = amax / 127.f;
+    corr[b] = -8 * sum;
   }
 }
 
-inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
+inline int32_t load32(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
 }
 
-inline __m256i load256(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+// Columns [col, col+8) of one output row; the last group may hold fewer than 8 real columns.
+inline void store_columns(float* y, int64_t col, int64_t N, __m256 v) {
+  if (col + 8 <= N) {
+    _mm256_storeu_ps(y + col, v);
+  } else {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    std::memcpy(y + col, tmp, static_cast<size_t>(N - col) * sizeof(float));
+  }
+}
 
 // AVX2: vpmaddubsw (u8 weights x s8 input, pairs to int16: at most 2*15*127, no saturation), the
-// two halves added (at most 7620), vpmaddwd to int32 (each lane: 4 consecutive bytes), + correction.
+// two halves added (at most 7620), vpmaddwd to int32 (each lane: 8 weights of one column).
 namespace avx2 {
-#define Q4_DOT(lo, hi, qp, cp)                                                                            \
-  _mm256_add_epi32(_mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, load256(qp)),                \
-                                                      _mm256_maddubs_epi16(hi, load256((qp) + 32))),       \
-                                     ones),                                                                \
-                   load256(cp))
-#define Q4_COLS 1
+#define Q4_DOT8(acc, lo, hi, a0, a1) \
+  _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, a0), _mm256_maddubs_epi16(hi, a1)), ones))
+#define Q4_ROWS 4    // 16 vector registers: 4 rows x 1 group of int and float sums
+#define Q4_GROUPS 1
+#define Q4_GROUPS1 1  // one row: one stream (2 side by side streamed ~25% slower)
 #include "q4_tile.h"
-#undef Q4_DOT
-#undef Q4_COLS
+#undef Q4_DOT8
+#undef Q4_ROWS
+#undef Q4_GROUPS
+#undef Q4_GROUPS1
 }  // namespace avx2
 
-// AVX-512 VNNI (256-bit, EVEX): vpdpbusd sums the same 4 bytes per int32 lane into the correction,
-// so every integer, and then every float operation, is the same as the AVX2 path's: bit-identical
-// outputs (RegisterCustomOps checks that on the machine before using it).
+// AVX-512 VNNI (256-bit, EVEX): vpdpbusd sums the same 4 bytes per int32 lane, so every integer,
+// and then every float operation, is the same as the AVX2 path's: bit-identical outputs
+// (RegisterCustomOps checks that on the machine before using it). 32 vector registers: 4 x 3 tiles.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni")
 namespace vnni {
-#define Q4_DOT(lo, hi, qp, cp) \
-  _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(load256(cp), lo, load256(qp)), hi, load256((qp) + 32))
-#ifndef Q4_VNNI_COLS
-#define Q4_VNNI_COLS 3  // 12 accumulators; 3 columns measured best (2 and 4 no better than 1)
+#define Q4_DOT8(acc, lo, hi, a0, a1) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, a0), hi, a1)
+#ifndef Q4_VNNI_ROWS
+#define Q4_VNNI_ROWS 4
 #endif
-#define Q4_COLS Q4_VNNI_COLS
+#ifndef Q4_VNNI_GROUPS
+#define Q4_VNNI_GROUPS 3
+#endif
+#ifndef Q4_VNNI_GROUPS1
+#define Q4_VNNI_GROUPS1 1
+#endif
+#define Q4_ROWS Q4_VNNI_ROWS
+#define Q4_GROUPS Q4_VNNI_GROUPS
+#define Q4_GROUPS1 Q4_VNNI_GROUPS1
 #include "q4_tile.h"
-#undef Q4_DOT
-#undef Q4_COLS
+#undef Q4_DOT8
+#undef Q4_ROWS
+#undef Q4_GROUPS
+#undef Q4_GROUPS1
 }  // namespace vnni
 #pragma GCC pop_options
 
@@ -137,25 +152,25 @@ struct Job {
   const float* A;
   QuantizedInput* in;
   const uint8_t* B;
-  const float* scales;
   float* Y;
-  int64_t M, K, N, block, chunk;
+  int64_t M, K, N, block, groups, chunk;
 };
 
 void quantize_task(void* data, size_t m) {
   auto* job = static_cast<Job*>(data);
   QuantizedInput& in = *job->in;
-  quantize_row(job->A + m * job->K, job->K, job->block, in.q.data() + m * in.pairs * 64,
-               in.scale.data() + m * in.pairs * 8, in.corr.data() + m * in.pairs * 8);
+  quantize_row(job->A + m * job->K, job->K, job->block, in.q.data() + m * in.K, in.scale.data() + m * in.blocks,
+               in.corr.data() + m * in.blocks);
 }
 
 void matmul_task(void* data, size_t t) {
   auto* job = static_cast<Job*>(data);
-  const int64_t n0 = static_cast<int64_t>(t) * job->chunk, n1 = std::min(job->N, n0 + job->chunk);
-  const auto run = g_vnni ? (job->block == 32 ? vnni::columns<true> : vnni::columns<false>)
-                         : (job->block == 32 ? avx2::columns<true> : avx2::columns<false>);
-  run(*job->in, job->M, job->B, job->scales, job->K, job->N, job->block, n0, n1, job->Y);
+  const int64_t g0 = static_cast<int64_t>(t) * job->chunk, g1 = std::min(job->groups, g0 + job->chunk);
+  (g_vnni ? vnni::groups : avx2::groups)(*job->in, job->M, job->B, job->K, job->N, job->block, g0, g1, job->Y);
 }
+
+// Bytes of the tiled weights for K x N (what layout.py writes and Compute checks).
+int64_t tiled_bytes(int64_t K, int64_t N, int64_t block) { return (N + 7) / 8 * (K / block) * (block * 4 + 32); }
 
 struct MatMulQ4Kernel {
   int64_t K, N, block;
@@ -166,7 +181,7 @@ struct MatMulQ4Kernel {
     N = ki.GetAttribute<int64_t>("N");
     block = ki.GetAttribute<int64_t>("block_size");
     if (ki.GetAttribute<int64_t>("bits") != 4) ORT_CXX_API_THROW("MatMulQ4: bits must be 4", ORT_INVALID_ARGUMENT);
-    if (block < 32 || block > 256 || (block & (block - 1)) || K % 128 || K % block)
+    if (block < 32 || block > 256 || (block & (block - 1)) || K % 128 || K % block || N < 1)
       ORT_CXX_API_THROW("MatMulQ4: block_size must be a power of two in 32..256 dividing K, and K a multiple of 128",
                         ORT_INVALID_ARGUMENT);
   }
@@ -175,9 +190,10 @@ struct MatMulQ4Kernel {
     Ort::KernelContext ctx(context);
     auto a = ctx.GetInput(0);
     auto b = ctx.GetInput(1);
-    auto sc = ctx.GetInput(2);
     std::vector<int64_t> shape = a.GetTensorTypeAndShapeInfo().GetShape();
     if (shape.empty() || shape.back() != K) ORT_CXX_API_THROW("MatMulQ4: input's last dimension is not K", ORT_INVALID_ARGUMENT);
+    if (static_cast<int64_t>(b.GetTensorTypeAndShapeInfo().GetElementCount()) != tiled_bytes(K, N, block))
+      ORT_CXX_API_THROW("MatMulQ4: weights are not in the tiled layout for these K, N, block_size", ORT_INVALID_ARGUMENT);
     int64_t M = 1;
     for (size_t i = 0; i + 1 < shape.size(); ++i) M *= shape[i];
     shape.back() = N;
@@ -185,18 +201,15 @@ struct MatMulQ4Kernel {
     if (M == 0) return;
 
     thread_local QuantizedInput in;
-    in.pairs = K / 64;
-    in.q.resize(static_cast<size_t>(M * K));
-    in.scale.resize(static_cast<size_t>(M * in.pairs * 8));
-    in.corr.resize(static_cast<size_t>(M * in.pairs * 8));
-    Job job{a.GetTensorData<float>(), &in, b.GetTensorData<uint8_t>(), sc.GetTensorData<float>(),
-            y.GetTensorMutableData<float>(), M, K, N, block, 0};
-    job.chunk = std::max<int64_t>(8, kChunkBytes / (K / 2));
+    in.resize(M, K, block);
+    Job job{a.GetTensorData<float>(), &in, b.GetTensorData<uint8_t>(), y.GetTensorMutableData<float>(),
+            M, K, N, block, (N + 7) / 8, 0};
+    job.chunk = std::max<int64_t>(1, kChunkBytes / (K * 4));
     if (M >= 8)
       ctx.ParallelFor(quantize_task, static_cast<size_t>(M), 0, &job);
     else
       for (int64_t m = 0; m < M; ++m) quantize_task(&job, static_cast<size_t>(m));
-    const int64_t tasks = (N + job.chunk - 1) / job.chunk;
+    const int64_t tasks = (job.groups + job.chunk - 1) / job.chunk;
     ctx.ParallelFor(matmul_task, static_cast<size_t>(tasks), static_cast<size_t>(std::min<int64_t>(tasks, 64)), &job);
   }
 };
@@ -205,7 +218,7 @@ struct MatMulQ4Op : Ort::CustomOpBase<MatMulQ4Op, MatMulQ4Kernel> {
   void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new MatMulQ4Kernel(api, info); }
   const char* GetName() const { return "MatMulQ4"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
+  size_t GetInputTypeCount() const { return 2; }  // input, tiled weights (scales inside)
   ONNXTensorElementDataType GetInputType(size_t index) const {
     return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
@@ -213,30 +226,31 @@ struct MatMulQ4Op : Ort::CustomOpBase<MatMulQ4Op, MatMulQ4Kernel> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-// Both paths on one small problem (5 rows: the 4-row and 1-row tiles; blocks 32 and 64); VNNI is
-// used only if this CPU has it and its outputs equal the AVX2 path's bit for bit.
+// Both paths on one small problem (7 rows: the 4-, 2- and 1-row tiles; 5 groups: the 3- and
+// 1-group tiles and a part group; blocks 32 and 64); VNNI is used only if this CPU has it and its
+// outputs equal the AVX2 path's bit for bit.
 bool vnni_agrees() {
-  constexpr int64_t M = 5, K = 256, N = 3;
-  std::vector<uint8_t> B(N * K / 2);
-  std::vector<float> A(M * K), S(N * K / 32), y0(M * N), y1(M * N);
+  constexpr int64_t M = 7, K = 256, N = 37;
+  std::vector<float> A(M * K), y0(M * N), y1(M * N);
   uint32_t state = 12345;
   auto next = [&state] { state = state * 1664525u + 1013904223u; return state >> 8; };
-  for (auto& b : B) b = static_cast<uint8_t>(next());
   for (auto& a : A) a = static_cast<float>(static_cast<int>(next() % 2001) - 1000) / 250.f;
-  for (auto& s : S) s = static_cast<float>(next() % 1000 + 1) / 10000.f;
   for (int64_t block : {32, 64}) {
+    std::vector<uint8_t> B(tiled_bytes(K, N, block));
+    for (auto& b : B) b = static_cast<uint8_t>(next());
+    const int64_t block_bytes = block * 4 + 32;
+    for (int64_t i = 0; i < static_cast<int64_t>(B.size()) / block_bytes; ++i)  // finite scales
+      for (int c = 0; c < 8; ++c) {
+        const float s = static_cast<float>(next() % 1000 + 1) / 10000.f;
+        std::memcpy(B.data() + i * block_bytes + block * 4 + 4 * c, &s, 4);
+      }
     QuantizedInput in;
-    in.pairs = K / 64;
-    in.q.resize(M * K);
-    in.scale.resize(M * in.pairs * 8);
-    in.corr.resize(M * in.pairs * 8);
+    in.resize(M, K, block);
     for (int64_t m = 0; m < M; ++m)
-      quantize_row(A.data() + m * K, K, block, in.q.data() + m * K, in.scale.data() + m * in.pairs * 8,
-                   in.corr.data() + m * in.pairs * 8);
-    const auto a2 = block == 32 ? avx2::columns<true> : avx2::columns<false>;
-    const auto v = block == 32 ? vnni::columns<true> : vnni::columns<false>;
-    a2(in, M, B.data(), S.data(), K, N, block, 0, N, y0.data());
-    v(in, M, B.data(), S.data(), K, N, block, 0, N, y1.data());
+      quantize_row(A.data() + m * K, K, block, in.q.data() + m * K, in.scale.data() + m * in.blocks,
+                   in.corr.data() + m * in.blocks);
+    avx2::groups(in, M, B.data(), K, N, block, 0, (N + 7) / 8, y0.data());
+    vnni::groups(in, M, B.data(), K, N, block, 0, (N + 7) / 8, y1.data());
     if (std::memcmp(y0.data(), y1.data(), y0.size() * sizeof(float)) != 0) return false;
   }
   return true;

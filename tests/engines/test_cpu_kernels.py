@@ -39,11 +39,14 @@ def _session(library, k, n, block, packed, scales, *, ours: bool, rank: int = 2,
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
-    if ours:
-        options.register_custom_ops_library(str(library))
-        assert kernels.use_kernels(model) == 1
-        assert model.graph.node[0].op_type == kernels.OP
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if not ours:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    options.register_custom_ops_library(str(library))
+    rewrite = kernels.use_kernels(model)
+    assert rewrite.nodes == 1
+    assert model.graph.node[0].op_type == kernels.OP
+    rewrite.attach(options)
+    return rewrite.keep_with(ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]))
 
 
 def _dequantized(packed, scales, k, n, block):
@@ -127,7 +130,7 @@ def test_rewrite_reaches_subgraphs_and_declares_the_domain():
             numpy_helper.from_array(np.zeros(64, np.float32), "S")]
     graph = helper.make_graph([_node(), cond], "g", [], [], initializer=init)
     model = helper.make_model(graph)
-    assert kernels.use_kernels(model) == 3
+    assert kernels.use_kernels(model).nodes == 3
     assert {n.op_type for n in model.graph.node} == {kernels.OP, "If"}
     assert [a.name for a in model.graph.node[0].attribute] == ["K", "N", "bits", "block_size"]
     assert sum(o.domain == kernels.DOMAIN for o in model.opset_import) == 1

@@ -1,13 +1,12 @@
 """Our own ONNX Runtime CPU kernels, built on the machine that runs them (`granite-deploy kernels build`).
 
 One so far: `ai.granite_deploy.MatMulQ4` (q4_matmul.cc, q4_tile.h), ONNX Runtime's 4-bit `MatMulNBits`
-over the same packed weights and scales, for AVX2 + FMA, with an AVX-512 VNNI variant chosen at load
-where the CPU has it (not executed on this project's machines, which lack VNNI: it is used only after
-it reproduced the AVX2 path bit for bit on the machine itself). The artifact keeps the standard `com.microsoft`
-node; when the library is built and the CPU has AVX2 and FMA, the engine rewrites the eligible
-nodes of the graph it loads, in memory (`use_kernels`), so an artifact runs unchanged where the
-library is absent (MLAS then runs them, with the same numerics: both quantise the input to int8
-per block and sum exactly in int32).
+for AVX2 + FMA, with an AVX-512 VNNI variant chosen at load where the CPU has it (used only after it
+reproduced the AVX2 path bit for bit on the machine itself). The artifact keeps the standard
+`com.microsoft` node; when the library is built and the CPU has AVX2 and FMA, the engine rewrites the
+eligible nodes of the graph it loads, in memory (`use_kernels`), over weights rearranged at load into
+the kernel's tiled layout (layout.py), so an artifact runs unchanged where the library is absent (MLAS
+then runs them, with the same numerics: both quantise the input to int8 per block and sum exactly in int32).
 
 The library compiles against ONNX Runtime's C/C++ headers (the stable C ABI: a header of API
 version 21 loads in every later runtime). The `onnxruntime` wheel ships none, so `build` takes

@@ -77,6 +77,9 @@ def main() -> int:
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     ap.add_argument("--work", type=Path, default=None, help="artifact folder (default: <checkpoint>-artifacts)")
     args = ap.parse_args()
+    unknown = sorted(set(args.methods.split(",")) - set(METHODS))
+    if unknown:
+        ap.error(f"--methods: {', '.join(unknown)} not among {', '.join(METHODS)} (fp32 is always measured)")
 
     from granite_deploy.export.exporter import export
     from granite_deploy.export.quantize import quantize

@@ -114,7 +114,7 @@ def _use_cpu_kernels(model, options, folder: Path):
         return None
     started = time.perf_counter()
     try:
-        rewrite = kernels.use_kernels(model, folder)
+        rewrite = kernels.use_kernels(model, folder, library)
     except kernels.KernelBuildError as exc:  # e.g. an external weight file it cannot read: MLAS runs
         log.warning("CPU kernels not used: %s", exc)
         return None

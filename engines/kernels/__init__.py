@@ -209,16 +209,18 @@ def _read_initializer(tensor, folder: Path | None) -> np.ndarray:
     return data.reshape(tuple(tensor.dims))
 
 
-def use_kernels(model, folder: str | Path | None = None) -> KernelRewrite:
+def use_kernels(model, folder: str | Path | None = None, library: Path | None = None) -> KernelRewrite:
     """Rewrite the eligible MatMulNBits nodes of model (in place, subgraphs too) to MatMulQ4 over
     tiled copies of their weights (layout.py); external data is read from folder. The original
     weights and scales leave the graph where nothing else uses them. The caller registers the
-    library and calls `attach` on the session options (`open_session` does both)."""
+    library and calls `attach` on the session options (`open_session` does both). The library
+    (default: this source's build) rearranges the weights."""
     from onnx import TensorProto, helper
 
     from .layout import tile
 
     folder = Path(folder) if folder is not None else None
+    library = library or library_path()
     initializers = {t.name: t for t in model.graph.initializer}
     rewrite = KernelRewrite()
     tiled_names: dict[tuple[str, str], str] = {}
@@ -242,11 +244,10 @@ def use_kernels(model, folder: str | Path | None = None) -> KernelRewrite:
             name = f"{node.input[1]}/{OP}_tiled"
             packed = _read_initializer(initializers[key[0]], folder)
             scales = _read_initializer(initializers[key[1]], folder)
-            k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-            if packed.size != n * k // 2 or scales.size != n * (k // block):
-                raise KernelBuildError(f"{node.name or node.output[0]}: weights {key[0]} ({packed.size} bytes) or scales "
-                                       f"{key[1]} ({scales.size}) do not fit K={k}, N={n}, block_size={block}")
-            rewrite.weights[name] = tile(packed, scales, attrs["K"], attrs["N"], attrs["block_size"])
+            try:
+                rewrite.weights[name] = tile(library, packed, scales, attrs["K"], attrs["N"], attrs["block_size"])
+            except ValueError as exc:
+                raise KernelBuildError(f"{node.name or node.output[0]} ({key[0]}, {key[1]}): {exc}") from None
             tiled_names[key] = name
     for node in chosen:
         key = (node.input[1], node.input[2])

@@ -260,6 +260,37 @@ MatMulQ4Op op;
 
 }  // namespace
 
+// MatMulNBits' packed 4-bit weights (N x K/2 bytes: weight 2i in the low nibble of byte i, 2i+1 in
+// the high) and fp32 scales (N x K/block) as the tiled layout (see the top of this file), into out
+// (tiled_bytes(K, N, block) bytes). The engine calls it once per weight at load (layout.py).
+extern "C" __attribute__((visibility("default"))) void GraniteQ4Tile(const uint8_t* packed, const float* scales,
+                                                                      int64_t K, int64_t N, int64_t block,
+                                                                      uint8_t* out) {
+  const int64_t blocks = K / block, steps = block / 8, block_bytes = block * 4 + 32;
+  for (int64_t g = 0; g < (N + 7) / 8; ++g)
+    for (int64_t b = 0; b < blocks; ++b) {
+      uint8_t* dst = out + (g * blocks + b) * block_bytes;
+      float* dst_scales = reinterpret_cast<float*>(dst + block * 4);  // block * 4 is a multiple of 32
+      for (int c = 0; c < 8; ++c) {
+        const int64_t n = g * 8 + c;
+        dst_scales[c] = n < N ? scales[n * blocks + b] : 0.f;
+        for (int64_t t = 0; t < steps; ++t) {
+          uint8_t* o = dst + t * 32 + 4 * c;
+          if (n >= N) {
+            std::memset(o, 0, 4);
+            continue;
+          }
+          // packed bytes p0..p3 hold weights 8t..8t+7 of this block: byte 4c+j gets 8t+j (low) and 8t+4+j (high)
+          const uint8_t* p = packed + n * (K / 2) + b * (block / 2) + t * 4;
+          o[0] = static_cast<uint8_t>((p[0] & 15) | (p[2] << 4));
+          o[1] = static_cast<uint8_t>((p[0] >> 4) | (p[2] & 0xF0));
+          o[2] = static_cast<uint8_t>((p[1] & 15) | (p[3] << 4));
+          o[3] = static_cast<uint8_t>((p[1] >> 4) | (p[3] & 0xF0));
+        }
+      }
+    }
+}
+
 // Which instruction set this process's MatMulQ4 runs ("avx2" or "avx512vnni"), for logs.
 extern "C" __attribute__((visibility("default"))) const char* GraniteQ4Isa() { return g_isa; }
 

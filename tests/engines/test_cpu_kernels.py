@@ -123,7 +123,7 @@ def test_eligibility(attrs, eligible):
     assert kernels.eligible(_node(**attrs), {"B", "S", "zp"}) is eligible
 
 
-def test_rewrite_reaches_subgraphs_and_declares_the_domain():
+def test_rewrite_reaches_subgraphs_and_declares_the_domain(library):
     inner = helper.make_graph([_node()], "then", [], [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
     cond = helper.make_node("If", ["c"], ["Z"], then_branch=inner, else_branch=inner)
     init = [numpy_helper.from_array(np.zeros((8, 8, 16), np.uint8), "B"),
@@ -134,6 +134,63 @@ def test_rewrite_reaches_subgraphs_and_declares_the_domain():
     assert {n.op_type for n in model.graph.node} == {kernels.OP, "If"}
     assert [a.name for a in model.graph.node[0].attribute] == ["K", "N", "bits", "block_size"]
     assert sum(o.domain == kernels.DOMAIN for o in model.opset_import) == 1
+
+
+def _reference_tiling(packed, scales, k, n, block):
+    """layout.py's tiled layout, written out from its definition (an oracle for GraniteQ4Tile)."""
+    w = np.stack([packed.reshape(n, k // 2) & 15, packed.reshape(n, k // 2) >> 4], axis=-1).reshape(n, k)
+    groups, blocks = -(-n // 8), k // block
+    w = np.concatenate([w, np.zeros((groups * 8 - n, k), np.uint8)])
+    s = np.concatenate([scales.reshape(n, blocks), np.zeros((groups * 8 - n, blocks), np.float32)])
+    out = bytearray()
+    for g in range(groups):
+        for b in range(blocks):
+            for t in range(block // 8):
+                for c in range(8):
+                    for j in range(4):
+                        kk = b * block + 8 * t + j
+                        out.append(int(w[8 * g + c, kk]) | int(w[8 * g + c, kk + 4]) << 4)
+            out += s[8 * g:8 * g + 8, b].astype("<f4").tobytes()
+    return np.frombuffer(bytes(out), np.uint8)
+
+
+@pytest.mark.parametrize("k,n,block", [(128, 1, 32), (256, 13, 64), (512, 24, 128), (256, 9, 256)])
+def test_tiled_layout_matches_its_definition(library, k, n, block):
+    from granite_deploy.engines.kernels import layout
+
+    rng = np.random.default_rng(n)
+    packed, scales = _weights(rng, k, n, block)
+    got = layout.tile(library, packed, scales, k, n, block)
+    assert got.size == layout.tiled_size(k, n, block)
+    assert np.array_equal(got, _reference_tiling(packed, scales, k, n, block))
+    with pytest.raises(ValueError, match="do not fit"):
+        layout.tile(library, packed[:-1], scales, k, n, block)
+
+
+def test_rewrite_keeps_weights_other_nodes_use_and_drops_the_rest(library):
+    init = [numpy_helper.from_array(np.zeros((8, 8, 16), np.uint8), "B"),
+            numpy_helper.from_array(np.zeros(64, np.float32), "S")]
+    graph = helper.make_graph([_node(), helper.make_node("Identity", ["B"], ["B_out"])], "g", [], [], initializer=init)
+    model = helper.make_model(graph)
+    rewrite = kernels.use_kernels(model)
+    tiled = model.graph.node[0].input[1]
+    assert list(rewrite.weights) == [tiled] and rewrite.weights[tiled].size == 8 * 8 * (32 * 4 + 32) // 8
+    assert {t.name for t in model.graph.initializer} == {"B", tiled}  # S was only MatMulNBits'
+    assert tiled in {i.name for i in model.graph.input}  # overridable: the session takes attach()'s array
+
+
+def test_external_weights_outside_the_folder_leave_the_graph_alone(library, tmp_path):
+    from onnx import external_data_helper
+
+    packed = numpy_helper.from_array(np.zeros((8, 8, 16), np.uint8), "B")
+    external_data_helper.set_external_data(packed, location="../elsewhere.bin", offset=0, length=1024)
+    packed.ClearField("raw_data")
+    packed.data_location = TensorProto.EXTERNAL
+    graph = helper.make_graph([_node()], "g", [], [], initializer=[packed, numpy_helper.from_array(np.zeros(64, np.float32), "S")])
+    model = helper.make_model(graph)
+    with pytest.raises(kernels.KernelBuildError, match="outside"):
+        kernels.use_kernels(model, tmp_path)
+    assert model.graph.node[0].op_type == "MatMulNBits" and list(model.graph.node[0].input) == ["A", "B", "S"]
 
 
 def _isolated_cache(tmp_path, monkeypatch):

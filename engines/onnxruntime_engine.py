@@ -100,7 +100,7 @@ def _open_session(path: Path, threads: int | None, provider: str):
 
 def _use_cpu_kernels(model, options, folder: Path):
     """Register our CPU kernel library (engines/kernels) and point the graph's eligible 4-bit
-    MatMulNBits at it, over tiled copies of their weights given to the session; None (the graph
+    MatMulNBits and dynamic int8 GEMMs at it, over tiled copies of their weights given to the session; None (the graph
     untouched) where it is not built, this CPU lacks AVX2/FMA, or the weights cannot be read."""
     from . import kernels
 
@@ -120,8 +120,9 @@ def _use_cpu_kernels(model, options, folder: Path):
         return None
     if rewrite.nodes:
         rewrite.attach(options)
-        log.info("CPU kernels: %d 4-bit MatMulNBits run as %s.%s (%s); weights tiled in %.1f s", rewrite.nodes,
-                 kernels.DOMAIN, kernels.OP, kernels.isa(library), time.perf_counter() - started)
+        log.info("CPU kernels (%s): %d 4-bit MatMulNBits run as %s.%s, %d dynamic int8 GEMMs as %s.%s; "
+                 "weights tiled in %.1f s", kernels.isa(library), rewrite.nodes - rewrite.q8_nodes, kernels.DOMAIN,
+                 kernels.OP, rewrite.q8_nodes, kernels.DOMAIN, kernels.OP_Q8, time.perf_counter() - started)
     return rewrite
 
 

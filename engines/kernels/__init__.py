@@ -32,9 +32,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4_matmul.cc")
-SOURCES = (SOURCE, Path(__file__).with_name("q4_tile.h"))  # what the library is built from
+SOURCES = (SOURCE, *(Path(__file__).with_name(h) for h in ("q4_tile.h", "q8_tile.h")))  # what the library is built from
 DOMAIN = "ai.granite_deploy"
 OP = "MatMulQ4"
+OP_Q8 = "MatMulQ8Dynamic"
 HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
 CXXFLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
@@ -166,7 +167,8 @@ class KernelRewrite:
     which the session reads from this object's arrays (no copy) for as long as it lives."""
 
     def __init__(self) -> None:
-        self.nodes = 0
+        self.nodes = 0  # MatMulQ4 + MatMulQ8Dynamic
+        self.q8_nodes = 0  # dynamic int8 GEMMs (ten nodes each) now one MatMulQ8Dynamic
         self.weights: dict[str, np.ndarray] = {}
         self._values: list = []
 
@@ -210,14 +212,16 @@ def _read_initializer(tensor, folder: Path | None) -> np.ndarray:
 
 
 def use_kernels(model, folder: str | Path | None = None, library: Path | None = None) -> KernelRewrite:
-    """Rewrite the eligible MatMulNBits nodes of model (in place, subgraphs too) to MatMulQ4 over
-    tiled copies of their weights (layout.py); external data is read from folder. The original
+    """Rewrite the eligible MatMulNBits nodes of model (in place, subgraphs too) to MatMulQ4, and the
+    main graph's per-row dynamic int8 GEMMs (`quantize --int8`, dynamic_int8.py) to MatMulQ8Dynamic,
+    over tiled copies of their weights (layout.py); external data is read from folder. The original
     weights and scales leave the graph where nothing else uses them. The caller registers the
     library and calls `attach` on the session options (`open_session` does both). The library
     (default: this source's build) rearranges the weights."""
     from onnx import TensorProto, helper
 
-    from .layout import tile
+    from . import dynamic_int8
+    from .layout import tile, tile8
 
     folder = Path(folder) if folder is not None else None
     library = library or library_path()
@@ -249,6 +253,24 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
             except ValueError as exc:
                 raise KernelBuildError(f"{node.name or node.output[0]} ({key[0]}, {key[1]}): {exc}") from None
             tiled_names[key] = name
+
+    def small_constant(name):
+        t = initializers.get(name)
+        return _read_initializer(t, folder) if t is not None and int(np.prod(t.dims)) <= 16 else None
+
+    chosen8, originals_q8 = [], set()
+    for gemm in dynamic_int8.find(model.graph, initializers, small_constant):
+        weights = _read_initializer(initializers[gemm.weight], folder)
+        if int(np.abs(weights.astype(np.int16)).max(initial=0)) > dynamic_int8.WEIGHT_LIMIT:
+            continue  # not quantize.py's 7-bit weights: ONNX Runtime's kernel keeps it
+        scales = _read_initializer(initializers[gemm.weight_scale], folder)
+        name = f"{gemm.weight}/{OP_Q8}_tiled"
+        try:
+            rewrite.weights[name] = tile8(library, weights, scales, gemm.k, gemm.n)
+        except ValueError as exc:
+            raise KernelBuildError(f"{gemm.output} ({gemm.weight}, {gemm.weight_scale}): {exc}") from None
+        chosen8.append((gemm, name))
+
     for node in chosen:
         key = (node.input[1], node.input[2])
         keep = [a for a in node.attribute if a.name in ("K", "N", "bits", "block_size")]
@@ -258,6 +280,21 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
         del node.input[2:]
         node.op_type, node.domain = OP, DOMAIN
         rewrite.nodes += 1
+
+    if chosen8:
+        replaced, dropped = {}, set()
+        for gemm, name in chosen8:
+            dropped.update(id(node) for node in gemm.nodes)
+            replaced[id(gemm.nodes[-1])] = helper.make_node(
+                OP_Q8, [gemm.x, name], [gemm.output], name=f"{gemm.output}/{OP_Q8}", domain=DOMAIN,
+                K=gemm.k, N=gemm.n, eps=gemm.eps, inv127=gemm.inv127)
+            originals_q8.update(i for node in gemm.nodes for i in node.input if i in initializers)
+        nodes = [replaced.get(id(node), node) for node in model.graph.node
+                 if id(node) not in dropped or id(node) in replaced]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        rewrite.nodes += len(chosen8)
+        rewrite.q8_nodes = len(chosen8)
 
     if not rewrite.nodes:
         return rewrite
@@ -272,7 +309,7 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
 
     inputs_of(model.graph)
     used.update(o.name for o in model.graph.output)
-    originals = {name for key in tiled_names for name in key} - used
+    originals = ({name for key in tiled_names for name in key} | originals_q8) - used
     kept = [t for t in model.graph.initializer if t.name not in originals]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)

@@ -39,3 +39,24 @@ def tile(library: Path, packed: np.ndarray, scales: np.ndarray, k: int, n: int, 
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     fn(packed.ctypes.data, scales.ctypes.data, k, n, block, out.ctypes.data)
     return out
+
+
+def tiled8_size(k: int, n: int) -> int:
+    """Bytes of MatMulQ8Dynamic's tiled layout for K x N (q4_matmul.cc's tiled8_bytes)."""
+    return -(-n // GROUP) * (k * 8 + 64)
+
+
+def tile8(library: Path, weights: np.ndarray, scales: np.ndarray, k: int, n: int) -> np.ndarray:
+    """A dynamic int8 GEMM's weights (int8 [K, N]) and column scales ([N]) as MatMulQ8Dynamic's tiled
+    bytes: per group of 8 columns, K/4 steps of 32 bytes (byte 4c + j: weight k = 4t + j of column c),
+    then the 8 fp32 scales, then 8 int32 sums of -128 x the column (the input's zero point)."""
+    weights = np.ascontiguousarray(weights, np.int8).reshape(-1)
+    scales = np.ascontiguousarray(scales, np.float32).reshape(-1)
+    if weights.size != k * n or scales.size != n or k % 8:
+        raise ValueError(f"{weights.size} weights and {scales.size} scales do not fit K={k} (a multiple of 8), N={n}")
+    out = np.empty(tiled8_size(k, n), np.uint8)
+    fn = ctypes.CDLL(str(library)).GraniteQ8Tile
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn(weights.ctypes.data, scales.ctypes.data, k, n, out.ctypes.data)
+    return out

@@ -103,6 +103,46 @@ inline void store_columns(float* y, int64_t col, int64_t N, __m256 v) {
   }
 }
 
+// MatMulQ8Dynamic's int8 input: per row, K uint8 (zero point 128) and one scale, computed as the
+// graph it replaces does (export/quantize.py's per-row dynamic GEMM): s = max(max|x|, eps) * inv127,
+// xq = clamp(round_half_even(x / s), -128, 127) + 128.
+struct Q8Input {
+  int64_t K = 0;
+  std::vector<uint8_t> q;
+  std::vector<float> scale;
+  void resize(int64_t M, int64_t k) {
+    K = k;
+    q.resize(static_cast<size_t>(M * K));
+    scale.resize(static_cast<size_t>(M));
+  }
+  const uint8_t* q_row(int64_t m) const { return q.data() + m * K; }
+};
+
+void quantize_row8(const float* x, int64_t K, float eps, float inv127, uint8_t* q, float* scale) {
+  float amax = 0.f;
+  bool finite = true;
+  for (int64_t i = 0; i < K; ++i) {
+    const float v = std::fabs(x[i]);
+    finite &= v <= std::numeric_limits<float>::max();
+    amax = std::max(amax, v);
+  }
+  if (!finite) {  // the row's outputs become NaN, as MatMulQ4's do
+    *scale = std::numeric_limits<float>::quiet_NaN();
+    std::memset(q, 128, static_cast<size_t>(K));
+    return;
+  }
+  const float s = std::max(amax, eps) * inv127;
+  for (int64_t i = 0; i < K; ++i)
+    q[i] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(std::min(std::max(x[i] / s, -128.f), 127.f))) + 128);
+  *scale = s;
+}
+
+inline int32_t load32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
 // AVX2: vpmaddubsw (u8 weights x s8 input, pairs to int16: at most 2*15*127, no saturation), the
 // two halves added (at most 7620), vpmaddwd to int32 (each lane: 8 weights of one column).
 namespace avx2 {
@@ -111,8 +151,12 @@ namespace avx2 {
 #define Q4_ROWS 4    // 16 vector registers: 4 rows x 1 group of int and float sums
 #define Q4_GROUPS 1
 #define Q4_GROUPS1 1  // one row: one stream (2 side by side streamed ~25% slower)
+// u8 input x s8 weights (|w| <= 63: pairs at most 2*255*63, inside int16) to int32 lanes of 4 products.
+#define Q8_DOT4(acc, a, w) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, w), ones))
 #include "q4_tile.h"
+#include "q8_tile.h"
 #undef Q4_DOT8
+#undef Q8_DOT4
 #undef Q4_ROWS
 #undef Q4_GROUPS
 #undef Q4_GROUPS1
@@ -137,8 +181,11 @@ namespace vnni {
 #define Q4_ROWS Q4_VNNI_ROWS
 #define Q4_GROUPS Q4_VNNI_GROUPS
 #define Q4_GROUPS1 Q4_VNNI_GROUPS1
+#define Q8_DOT4(acc, a, w) _mm256_dpbusd_epi32(acc, a, w)
 #include "q4_tile.h"
+#include "q8_tile.h"
 #undef Q4_DOT8
+#undef Q8_DOT4
 #undef Q4_ROWS
 #undef Q4_GROUPS
 #undef Q4_GROUPS1
@@ -226,6 +273,85 @@ struct MatMulQ4Op : Ort::CustomOpBase<MatMulQ4Op, MatMulQ4Kernel> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+struct Q8Job {
+  const float* A;
+  Q8Input* in;
+  const uint8_t* B;
+  float* Y;
+  int64_t M, K, N, groups, chunk;
+  float eps, inv127;
+};
+
+void quantize8_task(void* data, size_t m) {
+  auto* job = static_cast<Q8Job*>(data);
+  quantize_row8(job->A + m * job->K, job->K, job->eps, job->inv127, job->in->q.data() + m * job->K,
+                job->in->scale.data() + m);
+}
+
+void matmul8_task(void* data, size_t t) {
+  auto* job = static_cast<Q8Job*>(data);
+  const int64_t g0 = static_cast<int64_t>(t) * job->chunk, g1 = std::min(job->groups, g0 + job->chunk);
+  (g_vnni ? vnni::groups8 : avx2::groups8)(*job->in, job->M, job->B, job->K, job->N, g0, g1, job->Y);
+}
+
+// Bytes of MatMulQ8Dynamic's tiled weights for K x N (what GraniteQ8Tile writes).
+int64_t tiled8_bytes(int64_t K, int64_t N) { return (N + 7) / 8 * (K * 8 + 64); }
+
+// ai.granite_deploy.MatMulQ8Dynamic: export/quantize.py's per-row dynamic int8 GEMM (Abs, ReduceMax,
+// Max, Mul, QuantizeLinear, MatMulInteger, DequantizeLinear, Mul: ten nodes) as one node over
+// tiled int8 weights; the integers are the same, and so is every float operation and its order.
+struct MatMulQ8Kernel {
+  int64_t K, N;
+  float eps, inv127;
+
+  MatMulQ8Kernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    K = ki.GetAttribute<int64_t>("K");
+    N = ki.GetAttribute<int64_t>("N");
+    eps = ki.GetAttribute<float>("eps");
+    inv127 = ki.GetAttribute<float>("inv127");
+    if (K < 8 || K % 8 || N < 1) ORT_CXX_API_THROW("MatMulQ8Dynamic: K must be a multiple of 8, N positive", ORT_INVALID_ARGUMENT);
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto a = ctx.GetInput(0);
+    auto b = ctx.GetInput(1);
+    std::vector<int64_t> shape = a.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.empty() || shape.back() != K)
+      ORT_CXX_API_THROW("MatMulQ8Dynamic: input's last dimension is not K", ORT_INVALID_ARGUMENT);
+    if (static_cast<int64_t>(b.GetTensorTypeAndShapeInfo().GetElementCount()) != tiled8_bytes(K, N))
+      ORT_CXX_API_THROW("MatMulQ8Dynamic: weights are not in the tiled layout for these K, N", ORT_INVALID_ARGUMENT);
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) M *= shape[i];
+    shape.back() = N;
+    auto y = ctx.GetOutput(0, shape);
+    if (M == 0) return;
+    thread_local Q8Input in;
+    in.resize(M, K);
+    Q8Job job{a.GetTensorData<float>(), &in, b.GetTensorData<uint8_t>(), y.GetTensorMutableData<float>(),
+              M, K, N, (N + 7) / 8, std::max<int64_t>(1, kChunkBytes / (K * 8)), eps, inv127};
+    if (M >= 8)
+      ctx.ParallelFor(quantize8_task, static_cast<size_t>(M), 0, &job);
+    else
+      for (int64_t m = 0; m < M; ++m) quantize8_task(&job, static_cast<size_t>(m));
+    const int64_t tasks = (job.groups + job.chunk - 1) / job.chunk;
+    ctx.ParallelFor(matmul8_task, static_cast<size_t>(tasks), static_cast<size_t>(std::min<int64_t>(tasks, 64)), &job);
+  }
+};
+
+struct MatMulQ8Op : Ort::CustomOpBase<MatMulQ8Op, MatMulQ8Kernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new MatMulQ8Kernel(api, info); }
+  const char* GetName() const { return "MatMulQ8Dynamic"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 2; }  // input, tiled weights (scales and zero-point sums inside)
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 // Both paths on one small problem (7 rows: the 4-, 2- and 1-row tiles; 5 groups: the 3- and
 // 1-group tiles and a part group; blocks 32 and 64); VNNI is used only if this CPU has it and its
 // outputs equal the AVX2 path's bit for bit.
@@ -253,10 +379,23 @@ bool vnni_agrees() {
     vnni::groups(in, M, B.data(), K, N, block, 0, (N + 7) / 8, y1.data());
     if (std::memcmp(y0.data(), y1.data(), y0.size() * sizeof(float)) != 0) return false;
   }
-  return true;
+  std::vector<uint8_t> B8(tiled8_bytes(K, N));  // MatMulQ8Dynamic: weights within +-63, any scales
+  for (auto& b : B8) b = static_cast<uint8_t>(static_cast<int>(next() % 127) - 63);
+  for (int64_t g = 0; g < (N + 7) / 8; ++g)  // finite column scales (the zero-point sums may be any integers)
+    for (int c = 0; c < 8; ++c) {
+      const float s = static_cast<float>(next() % 1000 + 1) / 10000.f;
+      std::memcpy(B8.data() + g * (K * 8 + 64) + K * 8 + 4 * c, &s, 4);
+    }
+  Q8Input in8;
+  in8.resize(M, K);
+  for (int64_t m = 0; m < M; ++m) quantize_row8(A.data() + m * K, K, 1e-12f, 1.f / 127.f, in8.q.data() + m * K, &in8.scale[m]);
+  avx2::groups8(in8, M, B8.data(), K, N, 0, (N + 7) / 8, y0.data());
+  vnni::groups8(in8, M, B8.data(), K, N, 0, (N + 7) / 8, y1.data());
+  return std::memcmp(y0.data(), y1.data(), y0.size() * sizeof(float)) == 0;
 }
 
 MatMulQ4Op op;
+MatMulQ8Op op8;
 
 }  // namespace
 
@@ -291,6 +430,30 @@ extern "C" __attribute__((visibility("default"))) void GraniteQ4Tile(const uint8
     }
 }
 
+// A per-row dynamic GEMM's int8 weights (K x N, row-major: [in, out], |w| <= 63) and fp32 column
+// scales (N) as MatMulQ8Dynamic's tiled layout (q8_tile.h), into out (tiled8_bytes(K, N) bytes).
+extern "C" __attribute__((visibility("default"))) void GraniteQ8Tile(const int8_t* weights, const float* scales,
+                                                                      int64_t K, int64_t N, uint8_t* out) {
+  const int64_t groups = (N + 7) / 8, group_bytes = K * 8 + 64;
+  std::memset(out, 0, static_cast<size_t>(groups * group_bytes));
+  std::vector<int32_t> colsum(static_cast<size_t>(groups * 8), 0);
+  for (int64_t k = 0; k < K; ++k) {  // rows in order: the source is read once, sequentially
+    const int8_t* row = weights + k * N;
+    for (int64_t n = 0; n < N; ++n) {
+      out[(n / 8) * group_bytes + (k / 4) * 32 + (n % 8) * 4 + (k % 4)] = static_cast<uint8_t>(row[n]);
+      colsum[n] += row[n];
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int c = 0; c < 8; ++c) {
+      const int64_t n = g * 8 + c;
+      const float s = n < N ? scales[n] : 0.f;
+      const int32_t corr = -128 * colsum[n];
+      std::memcpy(out + g * group_bytes + K * 8 + 4 * c, &s, 4);
+      std::memcpy(out + g * group_bytes + K * 8 + 32 + 4 * c, &corr, 4);
+    }
+}
+
 // Which instruction set this process's MatMulQ4 runs ("avx2" or "avx512vnni"), for logs.
 extern "C" __attribute__((visibility("default"))) const char* GraniteQ4Isa() { return g_isa; }
 
@@ -312,5 +475,6 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
   if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op)) return status;
+  if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op8)) return status;
   return api->AddCustomOpDomain(options, domain);
 }

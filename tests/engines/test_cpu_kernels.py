@@ -282,3 +282,146 @@ def test_engine_with_kernels_matches_onnxruntime(library, int4_artifact_k128, mo
     assert n_ours == 3 * 4 + 1  # every layer's qkv, o, gate+up, down, and the tied head
     assert tokens_ours == tokens_ort
     assert np.abs(logits_ours - logits_ort).max() <= 1e-3 * np.abs(logits_ort).max()
+
+
+# --- MatMulQ8Dynamic: `quantize --int8`'s per-row dynamic int8 GEMM as one node ------------------
+def _dynamic_gemm_model(rng, k: int, n: int):
+    """MatMul(x, W) after export/quantize.py's own rewrite to the ten-node dynamic int8 GEMM."""
+    from granite_deploy.export.quantize import _matmuls_to_dynamic
+
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])],
+                              initializer=[numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert _matmuls_to_dynamic(model, keep=set()) == ["W"]
+    return model
+
+
+def _sessions(library, model, q8_nodes: int = 1):
+    """(ONNX Runtime on model, ours on a rewritten copy)."""
+    import copy
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    ref = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ours_model = copy.deepcopy(model)
+    rewrite = kernels.use_kernels(ours_model)
+    assert rewrite.q8_nodes == rewrite.nodes == q8_nodes
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.register_custom_ops_library(str(library))
+    rewrite.attach(options)
+    ours = rewrite.keep_with(ort.InferenceSession(ours_model.SerializeToString(), options, providers=["CPUExecutionProvider"]))
+    return ref, ours, ours_model
+
+
+@pytest.mark.parametrize("k,n", [(8, 1), (64, 9), (128, 100), (2048, 513), (1024, 64), (4096, 24)])
+def test_q8_equals_the_dynamic_graph_bit_for_bit(library, k, n):
+    """Same uint8 rows, same exact int32 sums, the same two float products in the same order: equal."""
+    rng = np.random.default_rng(k + n)
+    ref, ours, rewritten = _sessions(library, _dynamic_gemm_model(rng, k, n))
+    assert [node.op_type for node in rewritten.graph.node] == [kernels.OP_Q8]
+    assert {t.name for t in rewritten.graph.initializer} == {f"W_i8/{kernels.OP_Q8}_tiled"}  # the ten nodes' constants gone
+    for b, s in [(1, 1), (1, 2), (1, 3), (2, 5), (1, 9), (1, 33), (3, 7)]:
+        x = (rng.standard_normal((b, s, k)) * rng.random((b, s, 1)) * 8).astype(np.float32)
+        x[0, 0, 0] = 0.0 if k > 1 else x[0, 0, 0]
+        want, got = ref.run(None, {"x": x})[0], ours.run(None, {"x": x})[0]
+        assert got.shape == (b, s, n)
+        assert np.array_equal(got, want), (b, s, np.abs(got - want).max())
+    zero = np.zeros((1, 2, k), np.float32)  # the eps floor: all-zero rows give zeros, not NaN
+    assert np.array_equal(ours.run(None, {"x": zero})[0], ref.run(None, {"x": zero})[0])
+    assert ours.run(None, {"x": np.zeros((1, 0, k), np.float32)})[0].shape == (1, 0, n)
+
+
+def test_q8_non_finite_input_stays_in_its_row(library):
+    rng = np.random.default_rng(11)
+    k, n = 256, 40
+    ref, ours, _ = _sessions(library, _dynamic_gemm_model(rng, k, n))
+    x = rng.standard_normal((1, 6, k)).astype(np.float32)
+    x[0, 1, 100] = np.nan
+    x[0, 4, 3] = -np.inf
+    got, want = ours.run(None, {"x": x})[0], ref.run(None, {"x": x[:, [0, 2, 3, 5]]})[0]
+    assert np.isnan(got[0, [1, 4]]).all()
+    assert np.array_equal(got[:, [0, 2, 3, 5]], want)
+
+
+@pytest.mark.parametrize("k,n", [(8, 1), (16, 13), (64, 24)])
+def test_q8_tiled_layout_matches_its_definition(library, k, n):
+    from granite_deploy.engines.kernels import layout
+
+    rng = np.random.default_rng(n)
+    w = rng.integers(-63, 64, size=(k, n), dtype=np.int8)
+    s = rng.random(n, dtype=np.float32)
+    groups = -(-n // 8)
+    wp = np.concatenate([w, np.zeros((k, groups * 8 - n), np.int8)], axis=1)
+    sp = np.concatenate([s, np.zeros(groups * 8 - n, np.float32)])
+    out = bytearray()
+    for g in range(groups):
+        for t in range(k // 4):
+            for c in range(8):
+                out += wp[4 * t:4 * t + 4, 8 * g + c].tobytes()
+        out += sp[8 * g:8 * g + 8].astype("<f4").tobytes()
+        out += (-128 * wp[:, 8 * g:8 * g + 8].astype(np.int32).sum(axis=0)).astype("<i4").tobytes()
+    got = layout.tile8(library, w, s, k, n)
+    assert got.size == layout.tiled8_size(k, n)
+    assert np.array_equal(got, np.frombuffer(bytes(out), np.uint8))
+    with pytest.raises(ValueError, match="do not fit"):
+        layout.tile8(library, w, s[:-1], k, n)
+
+
+def _tampered(change):
+    model = _dynamic_gemm_model(np.random.default_rng(0), 64, 16)
+    change(model)
+    return model
+
+
+def _set_initializer(model, name, value):
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, name))
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: _set_initializer(m, "dyn8/zero", np.uint8(127)),  # another weight zero point
+    lambda m: _set_initializer(m, "dyn8/inv127", np.float32(1 / 100)),  # another input range: kept, it is an attribute
+    lambda m: _set_initializer(m, "W_i8", np.full((64, 16), 100, np.int8)),  # beyond the AVX2 path's +-64
+    lambda m: m.graph.output.append(helper.make_tensor_value_info("mm/dyn8/scale", TensorProto.FLOAT, None)),
+    lambda m: m.graph.node.append(helper.make_node("Identity", ["mm/dyn8/acc"], ["acc_copy"])),  # an intermediate used elsewhere
+])
+def test_q8_rewrite_leaves_other_graphs_to_onnxruntime(library, change):
+    from granite_deploy.export.quantize import DYNAMIC_GEMM
+
+    assert DYNAMIC_GEMM == "/dyn8"  # the names the tampering above uses
+    model = _tampered(change)
+    before = [node.op_type for node in model.graph.node]
+    rewrite = kernels.use_kernels(model)
+    kept_attribute = model.graph.node[0].op_type == kernels.OP_Q8  # only the inv127 case
+    if kept_attribute:
+        assert rewrite.q8_nodes == 1
+        assert abs(helper.get_attribute_value(model.graph.node[0].attribute[3]) - 1 / 100) < 1e-9
+    else:
+        assert rewrite.nodes == 0 and [node.op_type for node in model.graph.node] == before
+
+
+@pytest.fixture(scope="module")
+def int8_dynamic_artifact_k128(int4_artifact_k128, tmp_path_factory):
+    from granite_deploy.export.quantize import quantize
+
+    fp32 = int4_artifact_k128.parent / "fp32"
+    return quantize(fp32, tmp_path_factory.mktemp("k128-int8") / "int8", "int8-dynamic", skip_gate=True)
+
+
+def test_int8_dynamic_engine_with_kernels_equals_onnxruntime(library, int8_dynamic_artifact_k128, monkeypatch):
+    """`quantize --int8` through the engine: every layer GEMM and the head on MatMulQ8Dynamic, the same
+    tokens and the same logits bit for bit (its arithmetic is the ten nodes', op for op)."""
+    prompts = [[5, 17, 42, 99, 7, 3, 250, 11, 64], [12, 300, 8], [77] * 20]
+    n_ours, tokens_ours, logits_ours = _run(int8_dynamic_artifact_k128, monkeypatch, True, prompts, 12)
+    n_ort, tokens_ort, logits_ort = _run(int8_dynamic_artifact_k128, monkeypatch, False, prompts, 12)
+    assert n_ort == 0
+    assert n_ours == 3 * 4 + 1  # every layer's qkv, o, gate+up, down, and the head
+    assert tokens_ours == tokens_ort
+    assert np.array_equal(logits_ours, logits_ort), np.abs(logits_ours - logits_ort).max()

@@ -120,9 +120,11 @@ def _use_cpu_kernels(model, options, folder: Path):
         return None
     if rewrite.nodes:
         rewrite.attach(options)
-        log.info("CPU kernels (%s): %d 4-bit MatMulNBits run as %s.%s, %d dynamic int8 GEMMs as %s.%s; "
-                 "weights tiled in %.1f s", kernels.isa(library), rewrite.nodes - rewrite.q8_nodes, kernels.DOMAIN,
-                 kernels.OP, rewrite.q8_nodes, kernels.DOMAIN, kernels.OP_Q8, time.perf_counter() - started)
+    if rewrite.nodes or rewrite.attention_nodes:
+        log.info("CPU kernels (%s): %d 4-bit MatMulNBits run as %s.%s, %d dynamic int8 GEMMs as %s.%s, %d "
+                 "GroupQueryAttention decode calls as %s.DecodeAttention; weights tiled in %.1f s",
+                 kernels.isa(library), rewrite.nodes - rewrite.q8_nodes, kernels.DOMAIN, kernels.OP, rewrite.q8_nodes,
+                 kernels.DOMAIN, kernels.OP_Q8, rewrite.attention_nodes, kernels.DOMAIN, time.perf_counter() - started)
     return rewrite
 
 

@@ -32,7 +32,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4_matmul.cc")
-SOURCES = (SOURCE, *(Path(__file__).with_name(h) for h in ("q4_tile.h", "q8_tile.h")))  # what the library is built from
+SOURCES = (SOURCE, *(Path(__file__).with_name(h) for h in ("q4_tile.h", "q8_tile.h", "decode_attention.h")))  # what the library is built from
 DOMAIN = "ai.granite_deploy"
 OP = "MatMulQ4"
 OP_Q8 = "MatMulQ8Dynamic"
@@ -40,6 +40,7 @@ HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxrunt
                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
 CXXFLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 DISABLE_ENV = "GRANITE_DEPLOY_CPU_KERNELS"  # "0": never use them (A/B runs, debugging)
+ATTENTION_ENV = "GRANITE_DEPLOY_DECODE_ATTENTION"  # "0": decode attention stays ONNX Runtime's GroupQueryAttention
 
 
 class KernelBuildError(RuntimeError):
@@ -169,6 +170,7 @@ class KernelRewrite:
     def __init__(self) -> None:
         self.nodes = 0  # MatMulQ4 + MatMulQ8Dynamic
         self.q8_nodes = 0  # dynamic int8 GEMMs (ten nodes each) now one MatMulQ8Dynamic
+        self.attention_nodes = 0  # GroupQueryAttention nodes whose one-token calls run DecodeAttention
         self.weights: dict[str, np.ndarray] = {}
         self._values: list = []
 
@@ -220,7 +222,7 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
     (default: this source's build) rearranges the weights."""
     from onnx import TensorProto, helper
 
-    from . import dynamic_int8
+    from . import decode_attention, dynamic_int8
     from .layout import tile, tile8
 
     folder = Path(folder) if folder is not None else None
@@ -296,6 +298,10 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
         rewrite.nodes += len(chosen8)
         rewrite.q8_nodes = len(chosen8)
 
+    if os.environ.get(ATTENTION_ENV, "1") != "0":
+        rewrite.attention_nodes = decode_attention.rewrite(model, DOMAIN)
+    if rewrite.attention_nodes and not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     if not rewrite.nodes:
         return rewrite
     used: set[str] = set()

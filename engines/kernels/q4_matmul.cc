@@ -24,6 +24,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -394,8 +395,11 @@ bool vnni_agrees() {
   return std::memcmp(y0.data(), y1.data(), y0.size() * sizeof(float)) == 0;
 }
 
+#include "decode_attention.h"
+
 MatMulQ4Op op;
 MatMulQ8Op op8;
+DecodeAttentionOp op_attention;
 
 }  // namespace
 
@@ -454,6 +458,9 @@ extern "C" __attribute__((visibility("default"))) void GraniteQ8Tile(const int8_
     }
 }
 
+// DecodeAttention calls that had to copy the cache (present not bound to past's buffer), for tests.
+extern "C" __attribute__((visibility("default"))) int64_t GraniteAttentionCopies() { return g_attention_copies.load(); }
+
 // Which instruction set this process's MatMulQ4 runs ("avx2" or "avx512vnni"), for logs.
 extern "C" __attribute__((visibility("default"))) const char* GraniteQ4Isa() { return g_isa; }
 
@@ -476,5 +483,6 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
   if (OrtStatus* status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
   if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op)) return status;
   if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op8)) return status;
+  if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op_attention)) return status;
   return api->AddCustomOpDomain(options, domain);
 }

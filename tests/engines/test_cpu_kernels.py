@@ -419,9 +419,136 @@ def test_int8_dynamic_engine_with_kernels_equals_onnxruntime(library, int8_dynam
     """`quantize --int8` through the engine: every layer GEMM and the head on MatMulQ8Dynamic, the same
     tokens and the same logits bit for bit (its arithmetic is the ten nodes', op for op)."""
     prompts = [[5, 17, 42, 99, 7, 3, 250, 11, 64], [12, 300, 8], [77] * 20]
+    monkeypatch.setenv(kernels.ATTENTION_ENV, "0")  # DecodeAttention rounds differently (its own test below)
     n_ours, tokens_ours, logits_ours = _run(int8_dynamic_artifact_k128, monkeypatch, True, prompts, 12)
     n_ort, tokens_ort, logits_ort = _run(int8_dynamic_artifact_k128, monkeypatch, False, prompts, 12)
     assert n_ort == 0
     assert n_ours == 3 * 4 + 1  # every layer's qkv, o, gate+up, down, and the head
     assert tokens_ours == tokens_ort
     assert np.array_equal(logits_ours, logits_ort), np.abs(logits_ours - logits_ort).max()
+
+
+# --- DecodeAttention: GroupQueryAttention's one-token calls ------------------------------------
+def _gqa_model(heads, kv_heads, head_size, scale=None):
+    extra = {} if scale is None else {"scale": scale}
+    node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "past_key", "past_value", "seqlens_k", "total"],
+                            ["y", "present_key", "present_value"], domain="com.microsoft", name="attn",
+                            num_heads=heads, kv_num_heads=kv_heads, **extra)
+    f, i32 = TensorProto.FLOAT, TensorProto.INT32
+    cache = ["b", kv_heads, "t", head_size]
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("q", f, ["b", "s", heads * head_size]),
+         helper.make_tensor_value_info("k", f, ["b", "s", kv_heads * head_size]),
+         helper.make_tensor_value_info("v", f, ["b", "s", kv_heads * head_size]),
+         helper.make_tensor_value_info("past_key", f, cache), helper.make_tensor_value_info("past_value", f, cache),
+         helper.make_tensor_value_info("seqlens_k", i32, ["b"]), helper.make_tensor_value_info("total", i32, [])],
+        [helper.make_tensor_value_info("y", f, None), helper.make_tensor_value_info("present_key", f, None),
+         helper.make_tensor_value_info("present_value", f, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _attention_sessions(library, model):
+    import copy
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    ref = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ours_model = copy.deepcopy(model)
+    rewrite = kernels.use_kernels(ours_model)
+    assert rewrite.attention_nodes == 1 and rewrite.nodes == 0
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.register_custom_ops_library(str(library))
+    return ref, ort.InferenceSession(ours_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _attention_feed(rng, rows, tokens, heads, kv_heads, head_size, capacity, lengths):
+    """lengths: each row's length after this call (seqlens_k + 1)."""
+    return {"q": rng.standard_normal((rows, tokens, heads * head_size), dtype=np.float32),
+            "k": rng.standard_normal((rows, tokens, kv_heads * head_size), dtype=np.float32),
+            "v": rng.standard_normal((rows, tokens, kv_heads * head_size), dtype=np.float32),
+            "past_key": rng.standard_normal((rows, kv_heads, capacity, head_size), dtype=np.float32),
+            "past_value": rng.standard_normal((rows, kv_heads, capacity, head_size), dtype=np.float32),
+            "seqlens_k": np.array(lengths, np.int32) - 1, "total": np.array(capacity, np.int32)}
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_size", [(16, 4, 128), (4, 2, 32), (4, 4, 24), (6, 1, 64), (16, 1, 32)])
+@pytest.mark.parametrize("lengths", [[1], [7], [1024], [3, 1, 200]])
+def test_decode_attention_matches_group_query_attention(library, heads, kv_heads, head_size, lengths):
+    rng = np.random.default_rng(sum(lengths) + heads)
+    ref, ours = _attention_sessions(library, _gqa_model(heads, kv_heads, head_size, scale=0.125))
+    feed = _attention_feed(rng, len(lengths), 1, heads, kv_heads, head_size, 1030, lengths)
+    want, got = ref.run(None, feed), ours.run(None, feed)
+    assert got[0].shape == want[0].shape == (len(lengths), 1, heads * head_size)
+    assert np.abs(got[0] - want[0]).max() <= 2e-5 * max(1.0, np.abs(want[0]).max())
+    for a, b in zip(got[1:], want[1:]):  # this token's key and value written at its position, the past kept
+        for r, n in enumerate(lengths):  # (past its length ONNX Runtime's unbound present is zeros, ours the past)
+            assert np.array_equal(a[r, :, :n], b[r, :, :n])
+
+
+def test_decode_attention_first_prompt_and_default_scale(library):
+    """total_sequence_length 1 is ONNX Runtime's first-prompt mode (position 0 whatever seqlens_k says)."""
+    rng = np.random.default_rng(5)
+    ref, ours = _attention_sessions(library, _gqa_model(4, 2, 32))
+    feed = _attention_feed(rng, 2, 1, 4, 2, 32, 1, [1, 1])
+    want, got = ref.run(None, feed), ours.run(None, feed)
+    assert np.abs(got[0] - want[0]).max() <= 2e-5 * np.abs(want[0]).max()
+    assert all(np.array_equal(a[:, :, :1], b[:, :, :1]) for a, b in zip(got[1:], want[1:]))
+
+
+def test_prompt_chunks_keep_onnxruntime_attention(library):
+    """Several tokens per row take the If's other branch: ONNX Runtime's own kernel, bit for bit."""
+    rng = np.random.default_rng(9)
+    ref, ours = _attention_sessions(library, _gqa_model(4, 2, 32))
+    feed = _attention_feed(rng, 1, 5, 4, 2, 32, 64, [12])
+    got, want = ours.run(None, feed), ref.run(None, feed)
+    assert np.array_equal(got[0], want[0])
+    assert all(np.array_equal(a[:, :, :12], b[:, :, :12]) for a, b in zip(got[1:], want[1:]))
+
+
+def test_decode_attention_position_outside_the_cache_is_an_error(library):
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    rng = np.random.default_rng(2)
+    _, ours = _attention_sessions(library, _gqa_model(4, 2, 32))
+    with pytest.raises((Fail, InvalidArgument, RuntimeException), match="outside the cache"):
+        ours.run(None, _attention_feed(rng, 1, 1, 4, 2, 32, 16, [17]))
+
+
+@pytest.mark.parametrize("attrs", [{"do_rotary": 1}, {"softcap": 30.0}, {"local_window_size": 64}])
+def test_decode_attention_eligibility(attrs):
+    from granite_deploy.engines.kernels import decode_attention
+
+    model = _gqa_model(4, 2, 32)
+    assert decode_attention.eligible(model.graph.node[0], {"past_key", "past_value"})
+    model.graph.node[0].attribute.extend(helper.make_node("X", [], [], **attrs).attribute)
+    assert not decode_attention.eligible(model.graph.node[0], {"past_key", "past_value"})
+    assert kernels.use_kernels(model).attention_nodes == 0
+
+
+def test_engine_decode_attention_is_in_place_and_keeps_the_tokens(library, int4_artifact_k128, monkeypatch):
+    import ctypes
+
+    copies = ctypes.CDLL(str(library)).GraniteAttentionCopies
+    copies.restype = ctypes.c_int64
+    prompts = [[5, 17, 42, 99, 7, 3, 250, 11, 64], [12, 300, 8], [77] * 20]
+    monkeypatch.setenv(kernels.ATTENTION_ENV, "0")
+    _, tokens_ort, logits_ort = _run(int4_artifact_k128, monkeypatch, True, prompts, 12)
+    monkeypatch.setenv(kernels.ATTENTION_ENV, "1")
+    before = copies()
+    _, tokens_ours, logits_ours = _run(int4_artifact_k128, monkeypatch, True, prompts, 12)
+    assert copies() == before  # every call wrote the bound cache itself: no copy of past into present
+    assert tokens_ours == tokens_ort
+    assert np.abs(logits_ours - logits_ort).max() <= 1e-4 * np.abs(logits_ort).max()
+
+
+def test_decode_attention_peaked_scores(library):
+    """Scores tens apart: most probabilities underflow to 0 (the vector exp's lower clamp), as in ORT."""
+    rng = np.random.default_rng(4)
+    ref, ours = _attention_sessions(library, _gqa_model(16, 4, 128, scale=4.0))
+    feed = _attention_feed(rng, 2, 1, 16, 4, 128, 300, [300, 77])
+    want, got = ref.run(None, feed), ours.run(None, feed)
+    assert np.abs(got[0] - want[0]).max() <= 2e-5 * np.abs(want[0]).max()

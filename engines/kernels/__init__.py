@@ -216,7 +216,9 @@ def _read_initializer(tensor, folder: Path | None) -> np.ndarray:
 def use_kernels(model, folder: str | Path | None = None, library: Path | None = None) -> KernelRewrite:
     """Rewrite the eligible MatMulNBits nodes of model (in place, subgraphs too) to MatMulQ4, and the
     main graph's per-row dynamic int8 GEMMs (`quantize --int8`, dynamic_int8.py) to MatMulQ8Dynamic,
-    over tiled copies of their weights (layout.py); external data is read from folder. The original
+    over tiled copies of their weights (layout.py), and wrap each eligible GroupQueryAttention so its
+    one-token calls run DecodeAttention (decode_attention.py; `GRANITE_DEPLOY_DECODE_ATTENTION=0` keeps
+    ONNX Runtime's); external data is read from folder. The original
     weights and scales leave the graph where nothing else uses them. The caller registers the
     library and calls `attach` on the session options (`open_session` does both). The library
     (default: this source's build) rearranges the weights."""

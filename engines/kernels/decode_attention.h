@@ -49,7 +49,7 @@ struct Job {
   int64_t rows, heads, kv_heads, capacity, head_size;
   bool first_prompt;
   float scale;
-  int failed_row = -1;  // a row whose position is outside the cache (reported after the parallel loop)
+  std::atomic<int> failed_row{-1};  // a row whose position is outside the cache (reported after the loop)
 };
 
 // Softmax of each query head's L scores in place (max subtracted, exp, times 1/sum: ONNX Runtime's order).
@@ -150,7 +150,7 @@ void row_head(Job& job, int64_t b, int64_t g) {
   const int64_t total = static_cast<int64_t>(job.seqlens[b]) + 1;
   const int64_t position = job.first_prompt ? 0 : total - 1;
   if (position < 0 || position >= T) {
-    job.failed_row = static_cast<int>(b);
+    job.failed_row.store(static_cast<int>(b));
     return;
   }
   float* keys = job.keys + (b * job.kv_heads + g) * T * H;
@@ -232,7 +232,7 @@ struct DecodeAttentionKernel {
                        scale != 0.f ? scale : 1.f / std::sqrt(static_cast<float>(cache[3]))};
     const size_t tasks = static_cast<size_t>(qs[0] * kv_heads);
     ctx.ParallelFor(attention::task, tasks, tasks, &job);
-    if (job.failed_row >= 0)
+    if (job.failed_row.load() >= 0)
       ORT_CXX_API_THROW("DecodeAttention: a row's position (seqlens_k) is outside the cache", ORT_INVALID_ARGUMENT);
   }
 };

@@ -220,6 +220,19 @@ void matmul_task(void* data, size_t t) {
 // Bytes of the tiled weights for K x N (what layout.py writes and Compute checks).
 int64_t tiled_bytes(int64_t K, int64_t N, int64_t block) { return (N + 7) / 8 * (K / block) * (block * 4 + 32); }
 
+// Both GEMMs' run: quantise the job's M input rows (in parallel from 8 rows: fewer cost less than the
+// hand-off), then the column-group tasks, `chunk` groups each.
+template <typename J>
+void quantize_then_multiply(Ort::KernelContext& ctx, J& job, void (*quantize)(void*, size_t),
+                            void (*multiply)(void*, size_t)) {
+  if (job.M >= 8)
+    ctx.ParallelFor(quantize, static_cast<size_t>(job.M), 0, &job);
+  else
+    for (int64_t m = 0; m < job.M; ++m) quantize(&job, static_cast<size_t>(m));
+  const int64_t tasks = (job.groups + job.chunk - 1) / job.chunk;
+  ctx.ParallelFor(multiply, static_cast<size_t>(tasks), static_cast<size_t>(std::min<int64_t>(tasks, 64)), &job);
+}
+
 struct MatMulQ4Kernel {
   int64_t K, N, block;
 
@@ -253,12 +266,7 @@ struct MatMulQ4Kernel {
     Job job{a.GetTensorData<float>(), &in, b.GetTensorData<uint8_t>(), y.GetTensorMutableData<float>(),
             M, K, N, block, (N + 7) / 8, 0};
     job.chunk = std::max<int64_t>(1, kChunkBytes / (K * 4));
-    if (M >= 8)
-      ctx.ParallelFor(quantize_task, static_cast<size_t>(M), 0, &job);
-    else
-      for (int64_t m = 0; m < M; ++m) quantize_task(&job, static_cast<size_t>(m));
-    const int64_t tasks = (job.groups + job.chunk - 1) / job.chunk;
-    ctx.ParallelFor(matmul_task, static_cast<size_t>(tasks), static_cast<size_t>(std::min<int64_t>(tasks, 64)), &job);
+    quantize_then_multiply(ctx, job, quantize_task, matmul_task);
   }
 };
 
@@ -332,12 +340,7 @@ struct MatMulQ8Kernel {
     in.resize(M, K);
     Q8Job job{a.GetTensorData<float>(), &in, b.GetTensorData<uint8_t>(), y.GetTensorMutableData<float>(),
               M, K, N, (N + 7) / 8, std::max<int64_t>(1, kChunkBytes / (K * 8)), eps, inv127};
-    if (M >= 8)
-      ctx.ParallelFor(quantize8_task, static_cast<size_t>(M), 0, &job);
-    else
-      for (int64_t m = 0; m < M; ++m) quantize8_task(&job, static_cast<size_t>(m));
-    const int64_t tasks = (job.groups + job.chunk - 1) / job.chunk;
-    ctx.ParallelFor(matmul8_task, static_cast<size_t>(tasks), static_cast<size_t>(std::min<int64_t>(tasks, 64)), &job);
+    quantize_then_multiply(ctx, job, quantize8_task, matmul8_task);
   }
 };
 

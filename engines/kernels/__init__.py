@@ -38,7 +38,7 @@ OP = "MatMulQ4"
 OP_Q8 = "MatMulQ8Dynamic"
 HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
-CXXFLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
+CXXFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 DISABLE_ENV = "GRANITE_DEPLOY_CPU_KERNELS"  # "0": never use them (A/B runs, debugging)
 ATTENTION_ENV = "GRANITE_DEPLOY_DECODE_ATTENTION"  # "0": decode attention stays ONNX Runtime's GroupQueryAttention
 
@@ -58,13 +58,13 @@ def library_path() -> Path:
 
 
 def cpu_supported() -> bool:
-    """AVX2 and FMA, from /proc/cpuinfo (x86-64 Linux only; elsewhere False)."""
+    """AVX2, FMA and F16C, from /proc/cpuinfo (x86-64 Linux only; elsewhere False)."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
         return False
     have = set(flags.split(":", 1)[1].split())
-    return {"avx2", "fma"} <= have
+    return {"avx2", "fma", "f16c"} <= have
 
 
 def available() -> Path | None:
@@ -225,7 +225,7 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
     from onnx import TensorProto, helper
 
     from . import decode_attention, dynamic_int8
-    from .layout import tile, tile8
+    from .layout import fp16_scales_fit, on_fp16_grid, tile, tile8
 
     folder = Path(folder) if folder is not None else None
     library = library or library_path()
@@ -245,18 +245,29 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
 
     visit(model.graph)
     # Every tiled copy is made before any node changes: an unreadable weight leaves the graph as it was.
+    left_to_mlas, rounded = set(), 0
     for node in chosen:
         attrs = {a.name: a.i for a in node.attribute}
         key = (node.input[1], node.input[2])
-        if key not in tiled_names:
+        if key not in tiled_names and key not in left_to_mlas:
             name = f"{node.input[1]}/{OP}_tiled"
-            packed = _read_initializer(initializers[key[0]], folder)
             scales = _read_initializer(initializers[key[1]], folder)
+            if not fp16_scales_fit(scales):  # the tiled layout's fp16 scales would lose precision
+                left_to_mlas.add(key)
+                continue
+            rounded += not on_fp16_grid(scales)
+            packed = _read_initializer(initializers[key[0]], folder)
             try:
                 rewrite.weights[name] = tile(library, packed, scales, attrs["K"], attrs["N"], attrs["block_size"])
             except ValueError as exc:
                 raise KernelBuildError(f"{node.name or node.output[0]} ({key[0]}, {key[1]}): {exc}") from None
             tiled_names[key] = name
+    if left_to_mlas:
+        log.info("MatMulQ4: %d weight(s) with scales outside fp16's normal range stay on MLAS", len(left_to_mlas))
+    if rounded:
+        log.info("MatMulQ4: %d weight(s) with fp32 scales (an artifact from before fp16 scales) run with them "
+                 "rounded to fp16 (2^-11 relative at most)", rounded)
+    chosen = [node for node in chosen if (node.input[1], node.input[2]) in tiled_names]
 
     def small_constant(name):
         t = initializers.get(name)

@@ -13,7 +13,7 @@ void tile(const QuantizedInput& in, int64_t m0, const uint8_t* B, int64_t K, int
           int64_t g0, int64_t g1, float* Y) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);  // Q4_DOT8's (AVX2)
-  const int64_t blocks = K / block, steps = block / 8, block_bytes = block * 4 + 32;
+  const int64_t blocks = K / block, steps = block / 8, block_bytes = q4_block_bytes(block);
   const int8_t* q[R];
   const float* sa[R];
   const int32_t* corr[R];
@@ -52,7 +52,7 @@ void tile(const QuantizedInput& in, int64_t m0, const uint8_t* B, int64_t K, int
       }
       __m256 s[G];
       for (int c = 0; c < G; ++c)
-        s[c] = _mm256_loadu_ps(reinterpret_cast<const float*>(w[c] + b * block_bytes + block * 4));
+        s[c] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[c] + b * block_bytes + block * 4)));
       for (int r = 0; r < R; ++r) {
         const __m256 a_scale = _mm256_set1_ps(sa[r][b]);
         for (int c = 0; c < G; ++c)

@@ -130,6 +130,22 @@ def test_weight_only_artifact(fp32_artifact, quantized, method, bits):
     assert weights < (0.4 if bits == 8 else 0.25) * fp32_weights
 
 
+def test_int4_scales_are_fp16_values(quantized):
+    """The CPU engine's MatMulQ4 keeps 4-bit scales as fp16: quantize writes them on that grid, so
+    every runtime multiplies by the same scales (export/quantize.py, _scales_to_fp16_values)."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = quantized("int4")
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    scales = [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert scales and all(s.dtype == np.float32 for s in scales)
+    for s in scales:
+        assert np.array_equal(s.astype(np.float16).astype(np.float32), s)
+        assert np.abs(s).max() > 0
+
+
 @pytest.mark.parametrize("method,minimum", [("int8", 52), ("int4", 13)])
 def test_engine_generates_and_agrees_with_fp32(fp32_artifact, quantized, method, minimum):
     """The engine loads the quantized artifact unchanged and decodes. Agreement is teacher-forced over

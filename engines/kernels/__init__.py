@@ -1,9 +1,9 @@
 """Our own ONNX Runtime CPU kernels, built on the machine that runs them (`granite-deploy kernels build`).
 
 One so far: `ai.granite_deploy.MatMulQ4` (q4_matmul.cc, q4_tile.h), ONNX Runtime's 4-bit `MatMulNBits`
-for AVX2 + FMA, with an AVX-512 VNNI variant chosen at load where the CPU has it (used only after it
+for AVX2 + FMA + F16C, with an AVX-512 VNNI variant chosen at load where the CPU has it (used only after it
 reproduced the AVX2 path bit for bit on the machine itself). The artifact keeps the standard
-`com.microsoft` node; when the library is built and the CPU has AVX2 and FMA, the engine rewrites the
+`com.microsoft` node; when the library is built and the CPU has AVX2, FMA and F16C, the engine rewrites the
 eligible nodes of the graph it loads, in memory (`use_kernels`), over weights rearranged at load into
 the kernel's tiled layout (layout.py), so an artifact runs unchanged where the library is absent (MLAS
 then runs them, with the same numerics: both quantise the input to int8 per block and sum exactly in int32).

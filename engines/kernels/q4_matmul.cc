@@ -1,5 +1,5 @@
 // ai.granite_deploy.MatMulQ4: ONNX Runtime's com.microsoft.MatMulNBits (bits 4, symmetric, accuracy
-// level 4) for the CPU provider, on AVX2 + FMA (AVX-512 VNNI where the CPU has it), over the same
+// level 4) for the CPU provider, on AVX2 + FMA + F16C (AVX-512 VNNI where the CPU has it), over the same
 // weights and scales rearranged once at load into a tiled layout (engines/kernels/layout.py).
 //
 // Why: MLAS's 4-bit kernel (and this one's first form) forms each output as a dot product: 8

@@ -32,7 +32,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("q4_matmul.cc")
-SOURCES = (SOURCE, *(Path(__file__).with_name(h) for h in ("q4_tile.h", "q8_tile.h", "decode_attention.h")))  # what the library is built from
+SOURCES = (SOURCE, *(Path(__file__).with_name(h) for h in ("q4_tile.h", "q8_tile.h", "f32_tile.h", "decode_attention.h")))  # what the library is built from
 DOMAIN = "ai.granite_deploy"
 OP = "MatMulQ4"
 OP_Q8 = "MatMulQ8Dynamic"
@@ -41,6 +41,8 @@ HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxrunt
 CXXFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden"]
 DISABLE_ENV = "GRANITE_DEPLOY_CPU_KERNELS"  # "0": never use them (A/B runs, debugging)
 ATTENTION_ENV = "GRANITE_DEPLOY_DECODE_ATTENTION"  # "0": decode attention stays ONNX Runtime's GroupQueryAttention
+OP_F32 = "MatMulF32"
+F32_ENV = "GRANITE_DEPLOY_F32_MATMUL"  # "0": fp32 MatMuls stay ONNX Runtime's (MLAS)
 
 
 class KernelBuildError(RuntimeError):
@@ -57,14 +59,22 @@ def library_path() -> Path:
     return cache_dir() / digest / "libgranite_kernels.so"
 
 
-def cpu_supported() -> bool:
-    """AVX2, FMA and F16C, from /proc/cpuinfo (x86-64 Linux only; elsewhere False)."""
+def _cpu_flags() -> set[str]:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
     except (OSError, StopIteration):
-        return False
-    have = set(flags.split(":", 1)[1].split())
-    return {"avx2", "fma", "f16c"} <= have
+        return set()
+    return set(flags.split(":", 1)[1].split())
+
+
+def cpu_supported() -> bool:
+    """AVX2, FMA and F16C, from /proc/cpuinfo (x86-64 Linux only; elsewhere False)."""
+    return {"avx2", "fma", "f16c"} <= _cpu_flags()
+
+
+def f32_supported() -> bool:
+    """Whether MatMulF32 can run here: AVX-512F and VL (and the switch F32_ENV is not "0")."""
+    return os.environ.get(F32_ENV, "1") != "0" and {"avx512f", "avx512vl"} <= _cpu_flags()
 
 
 def available() -> Path | None:
@@ -168,10 +178,12 @@ class KernelRewrite:
     which the session reads from this object's arrays (no copy) for as long as it lives."""
 
     def __init__(self) -> None:
-        self.nodes = 0  # MatMulQ4 + MatMulQ8Dynamic
+        self.nodes = 0  # MatMulQ4 + MatMulQ8Dynamic + MatMulF32
         self.q8_nodes = 0  # dynamic int8 GEMMs (ten nodes each) now one MatMulQ8Dynamic
+        self.f32_nodes = 0  # fp32 MatMuls over a constant [K, N] weight now MatMulF32
         self.attention_nodes = 0  # GroupQueryAttention nodes whose one-token calls run DecodeAttention
         self.weights: dict[str, np.ndarray] = {}
+        self.f32_originals: set[str] = set()
         self._values: list = []
 
     def attach(self, options) -> None:
@@ -211,6 +223,43 @@ def _read_initializer(tensor, folder: Path | None) -> np.ndarray:
     if data.size != count:
         raise KernelBuildError(f"initializer {tensor.name}: {info.location} ends before its {count} values")
     return data.reshape(tuple(tensor.dims))
+
+
+def _use_f32(model, initializers, folder: Path | None, library: Path, rewrite: KernelRewrite) -> None:
+    """Every MatMul (subgraphs too) whose B is an fp32 [K, N] initializer becomes MatMulF32 over a
+    strip-tiled copy (one per weight, however many nodes share it)."""
+    from onnx import TensorProto, helper
+
+    from .layout import tile_f32
+
+    tiled: dict[str, str] = {}
+    chosen = []
+
+    def visit(graph):
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    visit(attr.g)
+            t = initializers.get(node.input[1]) if node.op_type == "MatMul" and node.domain == "" else None
+            if t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and min(t.dims) > 0:
+                chosen.append(node)
+
+    visit(model.graph)
+    for node in chosen:  # every copy first: an unreadable weight leaves the graph as it was
+        weight = node.input[1]
+        if weight not in tiled:
+            k, n = initializers[weight].dims
+            rewrite.weights[f"{weight}/{OP_F32}_tiled"] = tile_f32(library, _read_initializer(initializers[weight], folder), k, n)
+            tiled[weight] = f"{weight}/{OP_F32}_tiled"
+    for node in chosen:
+        k, n = initializers[node.input[1]].dims
+        rewrite.f32_originals.add(node.input[1])
+        node.input[1] = tiled[node.input[1]]
+        node.op_type, node.domain = OP_F32, DOMAIN
+        del node.attribute[:]
+        node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n)])
+    rewrite.nodes += len(chosen)
+    rewrite.f32_nodes = len(chosen)
 
 
 def use_kernels(model, folder: str | Path | None = None, library: Path | None = None) -> KernelRewrite:
@@ -311,6 +360,8 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
         rewrite.nodes += len(chosen8)
         rewrite.q8_nodes = len(chosen8)
 
+    if f32_supported():
+        _use_f32(model, initializers, folder, library, rewrite)
     if os.environ.get(ATTENTION_ENV, "1") != "0":
         rewrite.attention_nodes = decode_attention.rewrite(model, DOMAIN)
     if rewrite.attention_nodes and not any(o.domain == DOMAIN for o in model.opset_import):
@@ -328,7 +379,7 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
 
     inputs_of(model.graph)
     used.update(o.name for o in model.graph.output)
-    originals = ({name for key in tiled_names for name in key} | originals_q8) - used
+    originals = ({name for key in tiled_names for name in key} | originals_q8 | rewrite.f32_originals) - used
     kept = [t for t in model.graph.initializer if t.name not in originals]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)

@@ -101,3 +101,25 @@ def tile8(library: Path, weights: np.ndarray, scales: np.ndarray, k: int, n: int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     fn(weights.ctypes.data, scales.ctypes.data, k, n, out.ctypes.data)
     return out
+
+
+F32_STRIP = 48  # f32_tile.h's kF32Strip
+
+
+def tiled_f32_size(k: int, n: int) -> int:
+    """Bytes of MatMulF32's strips for K x N (q4_matmul.cc's tiled_f32_bytes)."""
+    return -(-n // F32_STRIP) * k * F32_STRIP * 4
+
+
+def tile_f32(library: Path, weights: np.ndarray, k: int, n: int) -> np.ndarray:
+    """An fp32 [K, N] weight as MatMulF32's bytes (1-D uint8): strips of 48 columns, each K x 48 floats
+    k-major, the last padded with zero columns; rearranged by the kernel library."""
+    weights = np.ascontiguousarray(weights, np.float32).reshape(-1)
+    if weights.size != k * n:
+        raise ValueError(f"{weights.size} weights do not fit K={k}, N={n}")
+    out = resident_buffer(tiled_f32_size(k, n))
+    fn = ctypes.CDLL(str(library)).GraniteF32Tile
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn(weights.ctypes.data, k, n, out.ctypes.data)
+    return out

@@ -406,9 +406,79 @@ bool vnni_agrees() {
   return std::memcmp(y0.data(), y1.data(), y0.size() * sizeof(float)) == 0;
 }
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,fma")
+namespace f32 {
+#include "f32_tile.h"
+}  // namespace f32
+#pragma GCC pop_options
+
+bool g_avx512f = false;  // set once by RegisterCustomOps
+
+struct F32Job {
+  const float* A;
+  const float* B;
+  float* Y;
+  int64_t M, K, N;
+};
+
+void f32_task(void* data, size_t s) {
+  auto* job = static_cast<F32Job*>(data);
+  f32::f32_strip(job->A, job->M, job->K, job->N, job->B, static_cast<int64_t>(s), job->Y);
+}
+
+// Bytes of MatMulF32's tiled weights for K x N (what GraniteF32Tile writes).
+int64_t tiled_f32_bytes(int64_t K, int64_t N) { return (N + f32::kF32Strip - 1) / f32::kF32Strip * K * f32::kF32Strip * 4; }
+
+// ai.granite_deploy.MatMulF32: ONNX MatMul with a constant fp32 [K, N] B, over B tiled in strips
+// (f32_tile.h says why); AVX-512F only (the engine rewrites nodes to it only where the CPU has it).
+struct MatMulF32Kernel {
+  int64_t K, N;
+
+  MatMulF32Kernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    K = ki.GetAttribute<int64_t>("K");
+    N = ki.GetAttribute<int64_t>("N");
+    if (K < 1 || N < 1) ORT_CXX_API_THROW("MatMulF32: K and N must be positive", ORT_INVALID_ARGUMENT);
+    if (!g_avx512f) ORT_CXX_API_THROW("MatMulF32: this CPU has no AVX-512F", ORT_NOT_IMPLEMENTED);
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    auto a = ctx.GetInput(0);
+    auto b = ctx.GetInput(1);
+    std::vector<int64_t> shape = a.GetTensorTypeAndShapeInfo().GetShape();
+    if (shape.empty() || shape.back() != K) ORT_CXX_API_THROW("MatMulF32: input's last dimension is not K", ORT_INVALID_ARGUMENT);
+    if (static_cast<int64_t>(b.GetTensorTypeAndShapeInfo().GetElementCount()) != tiled_f32_bytes(K, N))
+      ORT_CXX_API_THROW("MatMulF32: weights are not in the tiled layout for these K, N", ORT_INVALID_ARGUMENT);
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) M *= shape[i];
+    shape.back() = N;
+    auto y = ctx.GetOutput(0, shape);
+    if (M == 0) return;
+    F32Job job{a.GetTensorData<float>(), reinterpret_cast<const float*>(b.GetTensorData<uint8_t>()),
+               y.GetTensorMutableData<float>(), M, K, N};
+    const size_t strips = static_cast<size_t>((N + f32::kF32Strip - 1) / f32::kF32Strip);
+    ctx.ParallelFor(f32_task, strips, 0, &job);
+  }
+};
+
+struct MatMulF32Op : Ort::CustomOpBase<MatMulF32Op, MatMulF32Kernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new MatMulF32Kernel(api, info); }
+  const char* GetName() const { return "MatMulF32"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 2; }  // input, tiled fp32 weights as bytes
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
 #include "decode_attention.h"
 
 MatMulQ4Op op;
+MatMulF32Op op_f32;
 MatMulQ8Op op8;
 DecodeAttentionOp op_attention;
 
@@ -470,6 +540,19 @@ extern "C" __attribute__((visibility("default"))) void GraniteQ8Tile(const int8_
     }
 }
 
+// An fp32 [K, N] row-major weight as MatMulF32's strips (f32_tile.h), into out (tiled_f32_bytes(K, N) bytes).
+extern "C" __attribute__((visibility("default"))) void GraniteF32Tile(const float* weights, int64_t K, int64_t N, float* out) {
+  const int64_t S = f32::kF32Strip, strips = (N + S - 1) / S;
+  for (int64_t s = 0; s < strips; ++s) {
+    const int64_t cols = std::min(S, N - s * S);
+    for (int64_t k = 0; k < K; ++k) {
+      float* dst = out + (s * K + k) * S;
+      std::memcpy(dst, weights + k * N + s * S, static_cast<size_t>(cols) * sizeof(float));
+      std::memset(dst + cols, 0, static_cast<size_t>(S - cols) * sizeof(float));
+    }
+  }
+}
+
 // DecodeAttention calls that had to copy the cache (present not bound to past's buffer), for tests.
 extern "C" __attribute__((visibility("default"))) int64_t GraniteAttentionCopies() { return g_attention_copies.load(); }
 
@@ -490,11 +573,13 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") && vnni_agrees();
   }();
   g_vnni = vnni;
+  g_avx512f = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
   g_isa = vnni ? "avx512vnni" : "avx2";
   OrtCustomOpDomain* domain = nullptr;
   if (OrtStatus* status = api->CreateCustomOpDomain(kDomain, &domain)) return status;
   if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op)) return status;
   if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op8)) return status;
+  if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op_f32)) return status;
   if (OrtStatus* status = api->CustomOpDomain_Add(domain, &op_attention)) return status;
   return api->AddCustomOpDomain(options, domain);
 }

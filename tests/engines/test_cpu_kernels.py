@@ -593,3 +593,100 @@ def test_decode_attention_peaked_scores(library):
     feed = _attention_feed(rng, 2, 1, 16, 4, 128, 300, [300, 77])
     want, got = ref.run(None, feed), ours.run(None, feed)
     assert np.abs(got[0] - want[0]).max() <= 2e-5 * np.abs(want[0]).max()
+
+
+# --- MatMulF32: fp32 MatMul over a constant [K, N] weight, strip-tiled ---------------------------
+needs_avx512 = pytest.mark.skipif(not kernels.f32_supported(), reason="MatMulF32 needs AVX-512F and VL")
+
+
+def _f32_model(w: np.ndarray, shared: bool = False):
+    k = w.shape[0]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if shared:
+        nodes.append(helper.make_node("MatMul", ["x", "w"], ["y2"]))
+        outputs.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+                              outputs, initializer=[numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def _f32_session(library, model):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.register_custom_ops_library(str(library))
+    rewrite = kernels.use_kernels(model, None, library)
+    rewrite.attach(options)
+    return rewrite, rewrite.keep_with(ort.InferenceSession(model.SerializeToString(), options,
+                                                           providers=["CPUExecutionProvider"]))
+
+
+@needs_avx512
+@pytest.mark.parametrize("k,n", [(1, 1), (37, 48), (64, 100), (300, 1000), (2048, 97)])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 20, 300])
+def test_f32_matches_float64(library, k, n, m):
+    rng = np.random.default_rng(k * 7 + n + m)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    rewrite, session = _f32_session(library, _f32_model(w))
+    assert rewrite.f32_nodes == 1
+    x = rng.standard_normal((2, m, k), dtype=np.float32)
+    y = session.run(None, {"x": x})[0]
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    assert y.shape == (2, m, n)
+    # fp32 sums of k products, k ascending: within k * 2^-24 of the exact sum's scale
+    assert np.abs(y - ref).max() <= max(k, 8) * 2.0 ** -23 * np.abs(x).max() * np.abs(w).max() * 2, np.abs(y - ref).max()
+
+
+@needs_avx512
+def test_f32_shared_weight_is_tiled_once_and_the_original_leaves(library):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 50), dtype=np.float32)
+    model = _f32_model(w, shared=True)
+    rewrite, session = _f32_session(library, model)
+    assert rewrite.f32_nodes == 2 and len(rewrite.weights) == 1
+    tiled = next(iter(rewrite.weights))
+    assert [n.input[1] for n in model.graph.node] == [tiled, tiled]
+    assert {t.name for t in model.graph.initializer} == {tiled}
+    assert rewrite.weights[tiled].size == layout.tiled_f32_size(64, 50) == 2 * 64 * 48 * 4
+    x = rng.standard_normal((1, 5, 64), dtype=np.float32)
+    y, y2 = session.run(None, {"x": x})
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-5)
+
+
+@needs_avx512
+def test_f32_strips_match_their_definition(library):
+    w = np.arange(5 * 50, dtype=np.float32).reshape(5, 50)
+    tiled = layout.tile_f32(library, w, 5, 50).view(np.float32).reshape(2, 5, 48)
+    np.testing.assert_array_equal(tiled[0], w[:, :48])
+    np.testing.assert_array_equal(tiled[1, :, :2], w[:, 48:])
+    assert not tiled[1, :, 2:].any()  # the last strip's padding columns are zero
+
+
+def test_f32_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv(kernels.F32_ENV, "0")
+    assert not kernels.f32_supported()
+
+
+@pytest.fixture(scope="module")
+def fp32_artifact_k128(tmp_path_factory):
+    from granite_deploy.export.exporter import export
+    from granite_deploy.export.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("f32k128")
+    ckpt = make_tiny_checkpoint(root / "ckpt", hidden_size=128, intermediate_size=256, shared_intermediate_size=256,
+                                num_attention_heads=4, num_key_value_heads=2)
+    return export(ckpt, root / "fp32")
+
+
+@needs_avx512
+def test_fp32_engine_with_matmulf32_keeps_the_greedy_tokens(library, fp32_artifact_k128, monkeypatch):
+    prompts = [[5, 17, 42, 99, 7, 3, 250, 11, 64], [12, 300, 8], [77] * 20]
+    n_ours, tokens_ours, logits_ours = _run(fp32_artifact_k128, monkeypatch, True, prompts, 12)
+    n_ort, tokens_ort, logits_ort = _run(fp32_artifact_k128, monkeypatch, False, prompts, 12)
+    assert n_ort == 0 and n_ours >= 3 * 4  # every layer's qkv, o, gate+up and down at least
+    assert tokens_ours == tokens_ort
+    per_step = np.abs(logits_ours - logits_ort).max(axis=(1, 2)) / np.abs(logits_ort).max()
+    assert per_step.max() <= 1e-5, per_step  # fp32 throughout: only the summation order differs

@@ -225,6 +225,15 @@ def _read_initializer(tensor, folder: Path | None) -> np.ndarray:
     return data.reshape(tuple(tensor.dims))
 
 
+def _nodes(graph):
+    """Every node of graph, each subgraph's (If branches, loop bodies) before the node holding it."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.node:
+                yield from _nodes(attr.g)
+        yield node
+
+
 def _use_f32(model, initializers, folder: Path | None, library: Path, rewrite: KernelRewrite) -> None:
     """Every MatMul (subgraphs too) whose B is an fp32 [K, N] initializer becomes MatMulF32 over a
     strip-tiled copy (one per weight, however many nodes share it)."""
@@ -234,17 +243,10 @@ def _use_f32(model, initializers, folder: Path | None, library: Path, rewrite: K
 
     tiled: dict[str, str] = {}
     chosen = []
-
-    def visit(graph):
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.g is not None and attr.g.node:
-                    visit(attr.g)
-            t = initializers.get(node.input[1]) if node.op_type == "MatMul" and node.domain == "" else None
-            if t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and min(t.dims) > 0:
-                chosen.append(node)
-
-    visit(model.graph)
+    for node in _nodes(model.graph):
+        t = initializers.get(node.input[1]) if node.op_type == "MatMul" and node.domain == "" else None
+        if t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and min(t.dims) > 0:
+            chosen.append(node)
     for node in chosen:  # every copy first: an unreadable weight leaves the graph as it was
         weight = node.input[1]
         if weight not in tiled:
@@ -282,17 +284,7 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
     rewrite = KernelRewrite()
     tiled_names: dict[tuple[str, str], str] = {}
 
-    chosen = []
-
-    def visit(graph):
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.g is not None and attr.g.node:
-                    visit(attr.g)
-            if eligible(node, set(initializers)) and node.input[2] in initializers:
-                chosen.append(node)
-
-    visit(model.graph)
+    chosen = [node for node in _nodes(model.graph) if eligible(node, set(initializers)) and node.input[2] in initializers]
     # Every tiled copy is made before any node changes: an unreadable weight leaves the graph as it was.
     left_to_mlas, rounded = set(), 0
     for node in chosen:

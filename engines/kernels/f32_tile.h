@@ -2,11 +2,12 @@
 // standalone header): Y = A (M x K) x B, fp32, over B tiled in strips of 48 columns, each strip K x 48
 // floats, k-major, so a strip is one contiguous stream (the last strip padded with zero columns).
 //
-// Why: ONNX Runtime's MatMul (MLAS, prepacked B) ran 126-136 GFLOP/s at 128 and 1024 rows on this
-// Zen 4 host and 20-28 GB/s at 8 rows; this tile (8 rows x 3 vectors = 24 accumulators, K in blocks of
-// 256 so a strip's block stays in L2 while every row tile reuses it) ran 164-199 GFLOP/s and
-// 26-31 GB/s in the same minutes (/tmp microbenchmark, 1.7 GB of the 1B's layer shapes). At one row
-// MLAS's GEMV stays as fast or a little faster (within the host's noise).
+// Why: at 8 rows ONNX Runtime's MatMul (MLAS, prepacked B) streamed the weights at 20-28 GB/s on this
+// Zen 4 host, this tile (8 rows x 3 vectors = 24 accumulators) at 26-31 GB/s in the same minutes
+// (a /tmp microbenchmark over 1.7 GB of the 1B's layer shapes); in the engine, batch-8 decode went
+// from 1.00x to 1.25x onnxruntime-genai. At one row MLAS's GEMV is as fast or a little faster, and
+// prefill moved within the host's noise (K runs in blocks of 256 there, so a strip's block stays in
+// L2 while every row tile reuses it).
 constexpr int64_t kF32Strip = 48;
 constexpr int64_t kF32KBlock = 256;
 constexpr int64_t kF32Prefetch = 512;  // bytes ahead in the strip's stream (512-4096 measured alike)

@@ -463,6 +463,9 @@ def best_of(rounds: list[list[dict]]) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="granite-4.0-1b")
+    ap.add_argument("--checkpoint-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="dtype of the random checkpoint every runtime starts from: bfloat16, as every released "
+                         "Granite 4.0 checkpoint is; float32 gives every weight a full fp32 mantissa")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=16, help="decode steps per measurement (median)")
     ap.add_argument("--repeats", type=int, default=2, help="llama-bench repetitions")
@@ -496,7 +499,7 @@ def main() -> None:
     runtimes = [r for r in args.runtimes.split(",") if r]
     print(f"# machine: {common.machine()}", flush=True)
     with lock.held("checkpoint/artifacts"):
-        checkpoint = common.random_checkpoint(args.model)
+        checkpoint = common.random_checkpoint(args.model, args.checkpoint_dtype)
         artifact = common.artifact_for(checkpoint)
         ours_art = {w: artifact if WIDTHS[w][0] is None else common.quantized_artifact(artifact, WIDTHS[w][0])
                     for w in widths if w != "fp16"}
@@ -551,7 +554,7 @@ def main() -> None:
     def cell(r, key, fmt="{:.3g}"):
         return fmt.format(r[key]) if key in r else "–"
 
-    print(f"\n{args.model} architecture, random weights, {args.threads} threads, {args.steps} decode steps "
+    print(f"\n{args.model} architecture, random weights saved as {args.checkpoint_dtype}, {args.threads} threads, {args.steps} decode steps "
           f"(median), tokens/s, best of {max(1, args.rounds)} interleaved round(s). Machine: {common.machine()}. Bandwidth {bw:.1f} GB/s; floor = weights read per "
           f"step ({n_params / 1e9:.2f} G) at the width's bits per weight (fp32 32, F16 16, 8-bit 8.5, 4-bit 4.5).")
     header = ["width", "runtime", *[c[1] for c in COLUMNS], "peak RSS GiB", "RSS after load GiB", "b1 % of floor",

@@ -42,13 +42,16 @@ def build_lock():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _random_checkpoint(name: str = "granite-4.0-1b") -> Path:
-    """The full-size architecture from ../shared/reference/configs with random weights, cached.
+def _random_checkpoint(name: str = "granite-4.0-1b", dtype: str = "float32") -> Path:
+    """The full-size architecture from ../shared/reference/configs with random weights, cached,
+    saved as dtype ("float32", or "bfloat16": the dtype every released Granite 4.0 checkpoint has).
 
     Speed does not depend on weight values; a tiny tokenizer is attached so the
     folder is a complete checkpoint (the benchmark feeds token ids directly).
     """
-    out = CACHE / f"{name}-random"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"checkpoint dtype {dtype!r}: float32 or bfloat16")
+    out = CACHE / (f"{name}-random" if dtype == "float32" else f"{name}-random-bf16")
     if (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists():
         return out
     import torch
@@ -62,16 +65,16 @@ def _random_checkpoint(name: str = "granite-4.0-1b") -> Path:
     config = GraniteMoeHybridConfig(**cfg)
     t = time.perf_counter()
     torch.manual_seed(0)
-    model = GraniteMoeHybridForCausalLM(config).to(torch.float32).eval()
+    model = GraniteMoeHybridForCausalLM(config).to(getattr(torch, dtype)).eval()
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out)
     model.save_pretrained(out)
     print(f"# built random {name} checkpoint in {time.perf_counter() - t:.0f} s: {out}", flush=True)
     return out
 
-def random_checkpoint(name: str = "granite-4.0-1b") -> Path:
+def random_checkpoint(name: str = "granite-4.0-1b", dtype: str = "float32") -> Path:
     with build_lock():
-        return _random_checkpoint(name)
+        return _random_checkpoint(name, dtype)
 
 
 def _artifact_for(checkpoint: Path, validate: bool = True) -> Path:

@@ -122,10 +122,11 @@ def _use_cpu_kernels(model, options, folder: Path):
         rewrite.attach(options)
     if rewrite.nodes or rewrite.attention_nodes:
         log.info("CPU kernels (%s): %d 4-bit MatMulNBits run as %s.%s, %d dynamic int8 GEMMs as %s.%s, %d fp32 "
-                 "MatMuls as %s.%s, %d GroupQueryAttention decode calls as %s.DecodeAttention; weights tiled in %.1f s",
+                 "MatMuls as %s.%s (%d weights stored as bf16, exactly), %d GroupQueryAttention decode calls as "
+                 "%s.DecodeAttention; weights tiled in %.1f s",
                  kernels.isa(library), rewrite.nodes - rewrite.q8_nodes - rewrite.f32_nodes, kernels.DOMAIN, kernels.OP,
                  rewrite.q8_nodes, kernels.DOMAIN, kernels.OP_Q8, rewrite.f32_nodes, kernels.DOMAIN, kernels.OP_F32,
-                 rewrite.attention_nodes, kernels.DOMAIN, time.perf_counter() - started)
+                 rewrite.f32_bf16_weights, rewrite.attention_nodes, kernels.DOMAIN, time.perf_counter() - started)
     return rewrite
 
 

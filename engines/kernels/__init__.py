@@ -1,12 +1,16 @@
 """Our own ONNX Runtime CPU kernels, built on the machine that runs them (`granite-deploy kernels build`).
 
-One so far: `ai.granite_deploy.MatMulQ4` (q4_matmul.cc, q4_tile.h), ONNX Runtime's 4-bit `MatMulNBits`
-for AVX2 + FMA + F16C, with an AVX-512 VNNI variant chosen at load where the CPU has it (used only after it
-reproduced the AVX2 path bit for bit on the machine itself). The artifact keeps the standard
-`com.microsoft` node; when the library is built and the CPU has AVX2, FMA and F16C, the engine rewrites the
-eligible nodes of the graph it loads, in memory (`use_kernels`), over weights rearranged at load into
-the kernel's tiled layout (layout.py), so an artifact runs unchanged where the library is absent (MLAS
-then runs them, with the same numerics: both quantise the input to int8 per block and sum exactly in int32).
+Four ops, all in q4_matmul.cc (the artifact keeps standard nodes; the engine rewrites the eligible
+ones of the graph it loads, in memory (`use_kernels`), over weights rearranged at load into each
+kernel's tiled layout (layout.py), so an artifact runs unchanged where the library is absent):
+- `MatMulQ4` (q4_tile.h): ONNX Runtime's 4-bit `MatMulNBits`, AVX2 + FMA + F16C, with an AVX-512 VNNI
+  variant chosen at load where the CPU has it (used only after it reproduced the AVX2 path bit for bit
+  on the machine itself); same numerics as MLAS (input quantised to int8 per block, exact int32 sums).
+- `MatMulQ8Dynamic` (q8_tile.h, dynamic_int8.py): the ten-node per-row dynamic int8 GEMM of
+  `quantize --int8` as one node.
+- `MatMulF32` (f32_tile.h): fp32 MatMul (and the head's Gemm) over a constant weight, AVX-512F; stored
+  as bf16 where every value of the weight is one (exact).
+- `DecodeAttention` (decode_attention.h): GroupQueryAttention's one-token calls over the in-place cache.
 
 The library compiles against ONNX Runtime's C/C++ headers (the stable C ABI: a header of API
 version 21 loads in every later runtime). The `onnxruntime` wheel ships none, so `build` takes
@@ -43,6 +47,7 @@ DISABLE_ENV = "GRANITE_DEPLOY_CPU_KERNELS"  # "0": never use them (A/B runs, deb
 ATTENTION_ENV = "GRANITE_DEPLOY_DECODE_ATTENTION"  # "0": decode attention stays ONNX Runtime's GroupQueryAttention
 OP_F32 = "MatMulF32"
 F32_ENV = "GRANITE_DEPLOY_F32_MATMUL"  # "0": fp32 MatMuls stay ONNX Runtime's (MLAS)
+BF16_ENV = "GRANITE_DEPLOY_F32_BF16"  # "0": MatMulF32 keeps fp32 strips even for bf16-valued weights (A/B runs)
 
 
 class KernelBuildError(RuntimeError):
@@ -180,7 +185,8 @@ class KernelRewrite:
     def __init__(self) -> None:
         self.nodes = 0  # MatMulQ4 + MatMulQ8Dynamic + MatMulF32
         self.q8_nodes = 0  # dynamic int8 GEMMs (ten nodes each) now one MatMulQ8Dynamic
-        self.f32_nodes = 0  # fp32 MatMuls over a constant [K, N] weight now MatMulF32
+        self.f32_nodes = 0  # fp32 MatMuls (and the head's Gemm) over a constant weight now MatMulF32
+        self.f32_bf16_weights = 0  # of their weights, those every value of which is bf16, stored as bf16
         self.attention_nodes = 0  # GroupQueryAttention nodes whose one-token calls run DecodeAttention
         self.weights: dict[str, np.ndarray] = {}
         self.f32_originals: set[str] = set()
@@ -234,32 +240,59 @@ def _nodes(graph):
         yield node
 
 
+def _f32_weight(node, initializers) -> tuple[int, int, bool] | None:
+    """(K, N, transposed) where node is an fp32 MatMul over a constant [K, N] weight, or a Gemm
+    x @ W^T over a constant [N, K] one (the tied head: transB, no C, unscaled); else None."""
+    from onnx import TensorProto
+
+    if node.domain != "" or node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return None
+    t = initializers.get(node.input[1])
+    if t is None or t.data_type != TensorProto.FLOAT or len(t.dims) != 2 or min(t.dims) <= 0:
+        return None
+    if node.op_type == "MatMul":
+        return int(t.dims[0]), int(t.dims[1]), False
+    attrs = {a.name: a for a in node.attribute}
+    plain = (len(node.input) == 2 and attrs.get("transB") is not None and attrs["transB"].i == 1
+             and ("transA" not in attrs or attrs["transA"].i == 0) and ("alpha" not in attrs or attrs["alpha"].f == 1.0))
+    return (int(t.dims[1]), int(t.dims[0]), True) if plain else None
+
+
 def _use_f32(model, initializers, folder: Path | None, library: Path, rewrite: KernelRewrite) -> None:
-    """Every MatMul (subgraphs too) whose B is an fp32 [K, N] initializer becomes MatMulF32 over a
-    strip-tiled copy (one per weight, however many nodes share it)."""
-    from onnx import TensorProto, helper
+    """Every MatMul (subgraphs too) whose B is an fp32 [K, N] initializer, and the head's Gemm(transB),
+    becomes MatMulF32 over a strip-tiled copy (one per weight, however many nodes share it), as bf16
+    where every value of the weight is one (layout.bf16_exact)."""
+    from onnx import helper
 
-    from .layout import tile_f32
+    from .layout import bf16_exact, tile_f32
 
-    tiled: dict[str, str] = {}
-    chosen = []
-    for node in _nodes(model.graph):
-        t = initializers.get(node.input[1]) if node.op_type == "MatMul" and node.domain == "" else None
-        if t is not None and t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and min(t.dims) > 0:
-            chosen.append(node)
-    for node in chosen:  # every copy first: an unreadable weight leaves the graph as it was
+    allow_bf16 = os.environ.get(BF16_ENV, "1") != "0"
+    tiled: dict[tuple[str, bool], tuple[str, bool]] = {}  # (weight, transposed) -> (tiled name, stored as bf16)
+    chosen = [(node, shape) for node in _nodes(model.graph) if (shape := _f32_weight(node, initializers))]
+    skipped: set[tuple[str, bool]] = set()
+    for node, (k, n, transposed) in chosen:  # every copy first: an unreadable weight leaves the graph as it was
         weight = node.input[1]
-        if weight not in tiled:
-            k, n = initializers[weight].dims
-            rewrite.weights[f"{weight}/{OP_F32}_tiled"] = tile_f32(library, _read_initializer(initializers[weight], folder), k, n)
-            tiled[weight] = f"{weight}/{OP_F32}_tiled"
-    for node in chosen:
-        k, n = initializers[node.input[1]].dims
+        if (weight, transposed) not in tiled and (weight, transposed) not in skipped:
+            values = _read_initializer(initializers[weight], folder)
+            bf16 = allow_bf16 and bf16_exact(values)
+            if transposed and not bf16:
+                # The head's weight is the tied embedding, which stays for the Gather: an fp32 copy would
+                # add its whole size to memory for no fewer bytes read (MLAS's GEMV streams as fast).
+                skipped.add((weight, transposed))
+                continue
+            name = f"{weight}/{OP_F32}_tiled" + ("_t" if transposed else "")
+            rewrite.weights[name] = tile_f32(library, values, k, n, bf16=bf16, transposed=transposed)
+            tiled[weight, transposed] = (name, bf16)
+            rewrite.f32_bf16_weights += bf16
+    chosen = [(node, shape) for node, shape in chosen if (node.input[1], shape[2]) in tiled]
+    for node, (k, n, transposed) in chosen:
         rewrite.f32_originals.add(node.input[1])
-        node.input[1] = tiled[node.input[1]]
+        name, bf16 = tiled[node.input[1], transposed]
+        node.input[1] = name
         node.op_type, node.domain = OP_F32, DOMAIN
         del node.attribute[:]
-        node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n)])
+        node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n),
+                               helper.make_attribute("bf16", int(bf16))])
     rewrite.nodes += len(chosen)
     rewrite.f32_nodes = len(chosen)
 

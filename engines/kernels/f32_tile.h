@@ -1,13 +1,18 @@
 // ai.granite_deploy.MatMulF32's loop (q4_matmul.cc includes it inside an AVX-512F namespace; not a
-// standalone header): Y = A (M x K) x B, fp32, over B tiled in strips of 48 columns, each strip K x 48
-// floats, k-major, so a strip is one contiguous stream (the last strip padded with zero columns).
+// standalone header): Y = A (M x K) x B, fp32 arithmetic, over B tiled in strips of 48 columns, each
+// strip K x 48 weights, k-major, so a strip is one contiguous stream (the last strip padded with zero
+// columns). The weights are stored as fp32 or, where every weight of B is a bfloat16 value already
+// (an fp32 export of a bf16 checkpoint: every released Granite 4.0), as its upper 16 bits: widening
+// them back is exact, so the products and sums are the fp32 ones, from half the bytes.
 //
-// Why: at 8 rows ONNX Runtime's MatMul (MLAS, prepacked B) streamed the weights at 20-28 GB/s on this
-// Zen 4 host, this tile (8 rows x 3 vectors = 24 accumulators) at 26-31 GB/s in the same minutes
-// (a /tmp microbenchmark over 1.7 GB of the 1B's layer shapes); in the engine, batch-8 decode went
-// from 1.00x to 1.25x onnxruntime-genai. At one row MLAS's GEMV is as fast or a little faster, and
-// prefill moved within the host's noise (K runs in blocks of 256 there, so a strip's block stays in
-// L2 while every row tile reuses it).
+// Why: a batch-1 decode step streams every weight once at the memory's pace (both ONNX Runtime and this
+// tile ran at ~120% of the measured GEMV bandwidth on this Zen 4 host), so only fewer bytes make it
+// faster. At 8 rows ONNX Runtime's MatMul (MLAS, prepacked B) streamed fp32 weights at 20-28 GB/s, this
+// tile (8 rows x 3 vectors = 24 accumulators) at 26-31 GB/s in the same minutes (a /tmp microbenchmark
+// over 1.7 GB of the 1B's layer shapes); in the engine, batch-8 decode went from 1.00x to 1.25x
+// onnxruntime-genai. At one row over fp32 strips MLAS's GEMV is as fast or a little faster. Prefill
+// moved within the host's noise (K runs in blocks of 256 there, so a strip's block stays in L2 while
+// every row tile reuses it; a bf16 block is widened once into fp32 for all the row tiles).
 constexpr int64_t kF32Strip = 48;
 constexpr int64_t kF32KBlock = 256;
 constexpr int64_t kF32Prefetch = 512;  // bytes ahead in the strip's stream (512-4096 measured alike)
@@ -17,10 +22,18 @@ inline __mmask16 f32_mask(int64_t cols, int64_t from) {
   return static_cast<__mmask16>((1u << n) - 1);
 }
 
+// 16 weights of a strip row as fp32: loaded, or widened from bf16 (shift into the upper half: exact).
+inline __m512 f32_load(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 f32_load(const uint16_t* w) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 // Rows [0, R) of C (row stride ldc) over k in [k0, k1) of one strip; cols real columns (<= 48).
-template <int R>
-void f32_tile(const float* A, int64_t lda, const float* B, int64_t k0, int64_t k1, float* C, int64_t ldc,
+template <int R, typename W>
+void f32_tile(const float* A, int64_t lda, const W* B, int64_t k0, int64_t k1, float* C, int64_t ldc,
               int64_t cols, bool accumulate) {
+  constexpr int64_t kRowBytes = kF32Strip * sizeof(W);
   const __mmask16 m0 = f32_mask(cols, 0), m1 = f32_mask(cols, 16), m2 = f32_mask(cols, 32);
   __m512 acc[R][3];
   for (int r = 0; r < R; ++r) {
@@ -32,13 +45,11 @@ void f32_tile(const float* A, int64_t lda, const float* B, int64_t k0, int64_t k
       acc[r][0] = acc[r][1] = acc[r][2] = _mm512_setzero_ps();
     }
   }
-  const float* b = B + k0 * kF32Strip;
+  const W* b = B + k0 * kF32Strip;
   for (int64_t k = k0; k < k1; ++k, b += kF32Strip) {
     const char* ahead = reinterpret_cast<const char*>(b) + kF32Prefetch;
-    _mm_prefetch(ahead, _MM_HINT_T0);
-    _mm_prefetch(ahead + 64, _MM_HINT_T0);
-    _mm_prefetch(ahead + 128, _MM_HINT_T0);
-    const __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32);
+    for (int64_t line = 0; line < kRowBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    const __m512 b0 = f32_load(b), b1 = f32_load(b + 16), b2 = f32_load(b + 32);
     for (int r = 0; r < R; ++r) {
       const __m512 a = _mm512_set1_ps(A[r * lda + k]);
       acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
@@ -53,7 +64,8 @@ void f32_tile(const float* A, int64_t lda, const float* B, int64_t k0, int64_t k
   }
 }
 
-void f32_rows(int64_t rows, const float* A, int64_t lda, const float* B, int64_t k0, int64_t k1, float* C,
+template <typename W>
+void f32_rows(int64_t rows, const float* A, int64_t lda, const W* B, int64_t k0, int64_t k1, float* C,
               int64_t ldc, int64_t cols, bool accumulate) {
   switch (rows) {
     case 1: f32_tile<1>(A, lda, B, k0, k1, C, ldc, cols, accumulate); break;
@@ -67,14 +79,28 @@ void f32_rows(int64_t rows, const float* A, int64_t lda, const float* B, int64_t
   }
 }
 
+// Rows k0..k1 of a bf16 strip widened to fp32, for every row tile of a block to reuse.
+inline void f32_widen(const uint16_t* strip, int64_t k0, int64_t k1, float* out) {
+  for (int64_t i = k0 * kF32Strip; i < k1 * kF32Strip; i += 16, out += 16) _mm512_storeu_ps(out, f32_load(strip + i));
+}
+
 // Strip s of Y for all M rows. Up to 8 rows the whole K runs at once (the strip streams from memory
 // once); more rows take K in blocks so every 8-row tile reuses the block from L2. The per-output
-// sum order (k ascending, one fma each) does not depend on M.
-void f32_strip(const float* A, int64_t M, int64_t K, int64_t N, const float* B, int64_t s, float* Y) {
-  const float* strip = B + s * K * kF32Strip;
+// sum order (k ascending, one fma each) depends neither on M nor on the storage.
+template <typename W>
+void f32_strip(const float* A, int64_t M, int64_t K, int64_t N, const W* B, int64_t s, float* Y) {
+  const W* strip = B + s * K * kF32Strip;
   const int64_t cols = std::min<int64_t>(kF32Strip, N - s * kF32Strip), kc = M <= 8 ? K : kF32KBlock;
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t k1 = std::min(K, k0 + kc);
+    if constexpr (sizeof(W) == 2) if (M > 8) {
+      alignas(64) thread_local float block[kF32KBlock * kF32Strip];
+      f32_widen(reinterpret_cast<const uint16_t*>(strip), k0, k1, block);
+      for (int64_t m = 0; m < M; m += 8)
+        f32_rows<float>(std::min<int64_t>(8, M - m), A + m * K + k0, K, block, 0, k1 - k0, Y + m * N + s * kF32Strip,
+                        N, cols, k0 > 0);
+      continue;
+    }
     for (int64_t m = 0; m < M; m += 8)
       f32_rows(std::min<int64_t>(8, M - m), A + m * K, K, strip, k0, k1, Y + m * N + s * kF32Strip, N, cols, k0 > 0);
   }

@@ -106,20 +106,31 @@ def tile8(library: Path, weights: np.ndarray, scales: np.ndarray, k: int, n: int
 F32_STRIP = 48  # f32_tile.h's kF32Strip
 
 
-def tiled_f32_size(k: int, n: int) -> int:
+def tiled_f32_size(k: int, n: int, bf16: bool = False) -> int:
     """Bytes of MatMulF32's strips for K x N (q4_matmul.cc's tiled_f32_bytes)."""
-    return -(-n // F32_STRIP) * k * F32_STRIP * 4
+    return -(-n // F32_STRIP) * k * F32_STRIP * (2 if bf16 else 4)
 
 
-def tile_f32(library: Path, weights: np.ndarray, k: int, n: int) -> np.ndarray:
-    """An fp32 [K, N] weight as MatMulF32's bytes (1-D uint8): strips of 48 columns, each K x 48 floats
-    k-major, the last padded with zero columns; rearranged by the kernel library."""
+def bf16_exact(weights: np.ndarray) -> bool:
+    """Whether every fp32 weight is a bfloat16 value (its lower 16 bits zero), as in an fp32 export of a
+    bf16 checkpoint: MatMulF32 then stores the upper halves and widens them back exactly."""
+    bits = np.ascontiguousarray(weights, np.float32).reshape(-1).view(np.uint32)
+    return not any(np.any(bits[i:i + (1 << 24)] & 0xFFFF) for i in range(0, bits.size, 1 << 24))
+
+
+def tile_f32(library: Path, weights: np.ndarray, k: int, n: int, *, bf16: bool = False,
+             transposed: bool = False) -> np.ndarray:
+    """An fp32 [K, N] weight (or, transposed, the [N, K] of a Gemm with transB) as MatMulF32's bytes
+    (1-D uint8): strips of 48 columns, each K x 48 weights k-major, the last padded with zero columns;
+    as bf16 (the upper 16 bits; the caller has checked bf16_exact) or fp32. Rearranged by the kernel library."""
     weights = np.ascontiguousarray(weights, np.float32).reshape(-1)
     if weights.size != k * n:
         raise ValueError(f"{weights.size} weights do not fit K={k}, N={n}")
-    out = resident_buffer(tiled_f32_size(k, n))
+    out = resident_buffer(tiled_f32_size(k, n, bf16))
     fn = ctypes.CDLL(str(library)).GraniteF32Tile
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    fn(weights.ctypes.data, k, n, out.ctypes.data)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                   ctypes.c_void_p]
+    stride_k, stride_n = (1, k) if transposed else (n, 1)
+    fn(weights.ctypes.data, k, n, stride_k, stride_n, int(bf16), out.ctypes.data)
     return out

@@ -417,28 +417,37 @@ bool g_avx512f = false;  // set once by RegisterCustomOps
 
 struct F32Job {
   const float* A;
-  const float* B;
+  const void* B;  // strips of fp32, or of bf16 where bf16
   float* Y;
   int64_t M, K, N;
+  bool bf16;
 };
 
 void f32_task(void* data, size_t s) {
   auto* job = static_cast<F32Job*>(data);
-  f32::f32_strip(job->A, job->M, job->K, job->N, job->B, static_cast<int64_t>(s), job->Y);
+  if (job->bf16)
+    f32::f32_strip(job->A, job->M, job->K, job->N, static_cast<const uint16_t*>(job->B), static_cast<int64_t>(s), job->Y);
+  else
+    f32::f32_strip(job->A, job->M, job->K, job->N, static_cast<const float*>(job->B), static_cast<int64_t>(s), job->Y);
 }
 
 // Bytes of MatMulF32's tiled weights for K x N (what GraniteF32Tile writes).
-int64_t tiled_f32_bytes(int64_t K, int64_t N) { return (N + f32::kF32Strip - 1) / f32::kF32Strip * K * f32::kF32Strip * 4; }
+int64_t tiled_f32_bytes(int64_t K, int64_t N, bool bf16) {
+  return (N + f32::kF32Strip - 1) / f32::kF32Strip * K * f32::kF32Strip * (bf16 ? 2 : 4);
+}
 
-// ai.granite_deploy.MatMulF32: ONNX MatMul with a constant fp32 [K, N] B, over B tiled in strips
-// (f32_tile.h says why); AVX-512F only (the engine rewrites nodes to it only where the CPU has it).
+// ai.granite_deploy.MatMulF32: ONNX MatMul (or Gemm with transB, no C) with a constant fp32 B, over B
+// tiled in strips (f32_tile.h says why), stored as bf16 where attribute bf16 is 1 (every weight a bf16
+// value); AVX-512F only (the engine rewrites nodes to it only where the CPU has it).
 struct MatMulF32Kernel {
   int64_t K, N;
+  bool bf16;
 
   MatMulF32Kernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo ki(info);
     K = ki.GetAttribute<int64_t>("K");
     N = ki.GetAttribute<int64_t>("N");
+    bf16 = ki.GetAttribute<int64_t>("bf16") != 0;
     if (K < 1 || N < 1) ORT_CXX_API_THROW("MatMulF32: K and N must be positive", ORT_INVALID_ARGUMENT);
     if (!g_avx512f) ORT_CXX_API_THROW("MatMulF32: this CPU has no AVX-512F", ORT_NOT_IMPLEMENTED);
   }
@@ -449,15 +458,14 @@ struct MatMulF32Kernel {
     auto b = ctx.GetInput(1);
     std::vector<int64_t> shape = a.GetTensorTypeAndShapeInfo().GetShape();
     if (shape.empty() || shape.back() != K) ORT_CXX_API_THROW("MatMulF32: input's last dimension is not K", ORT_INVALID_ARGUMENT);
-    if (static_cast<int64_t>(b.GetTensorTypeAndShapeInfo().GetElementCount()) != tiled_f32_bytes(K, N))
+    if (static_cast<int64_t>(b.GetTensorTypeAndShapeInfo().GetElementCount()) != tiled_f32_bytes(K, N, bf16))
       ORT_CXX_API_THROW("MatMulF32: weights are not in the tiled layout for these K, N", ORT_INVALID_ARGUMENT);
     int64_t M = 1;
     for (size_t i = 0; i + 1 < shape.size(); ++i) M *= shape[i];
     shape.back() = N;
     auto y = ctx.GetOutput(0, shape);
     if (M == 0) return;
-    F32Job job{a.GetTensorData<float>(), reinterpret_cast<const float*>(b.GetTensorData<uint8_t>()),
-               y.GetTensorMutableData<float>(), M, K, N};
+    F32Job job{a.GetTensorData<float>(), b.GetTensorData<uint8_t>(), y.GetTensorMutableData<float>(), M, K, N, bf16};
     const size_t strips = static_cast<size_t>((N + f32::kF32Strip - 1) / f32::kF32Strip);
     ctx.ParallelFor(f32_task, strips, 0, &job);
   }
@@ -540,15 +548,28 @@ extern "C" __attribute__((visibility("default"))) void GraniteQ8Tile(const int8_
     }
 }
 
-// An fp32 [K, N] row-major weight as MatMulF32's strips (f32_tile.h), into out (tiled_f32_bytes(K, N) bytes).
-extern "C" __attribute__((visibility("default"))) void GraniteF32Tile(const float* weights, int64_t K, int64_t N, float* out) {
+// An fp32 K x N weight (element (k, n) at weights[k * stride_k + n * stride_n]: [K, N] row-major, or a
+// Gemm's transposed [N, K]) as MatMulF32's strips (f32_tile.h), into out (tiled_f32_bytes(K, N, bf16)
+// bytes): fp32, or where bf16 is nonzero each weight's upper 16 bits (the caller has checked that the
+// lower 16 are zero: every weight is a bf16 value).
+extern "C" __attribute__((visibility("default"))) void GraniteF32Tile(const float* weights, int64_t K, int64_t N,
+                                                                       int64_t stride_k, int64_t stride_n, int bf16,
+                                                                       void* out) {
   const int64_t S = f32::kF32Strip, strips = (N + S - 1) / S;
   for (int64_t s = 0; s < strips; ++s) {
     const int64_t cols = std::min(S, N - s * S);
     for (int64_t k = 0; k < K; ++k) {
-      float* dst = out + (s * K + k) * S;
-      std::memcpy(dst, weights + k * N + s * S, static_cast<size_t>(cols) * sizeof(float));
-      std::memset(dst + cols, 0, static_cast<size_t>(S - cols) * sizeof(float));
+      const int64_t at = (s * K + k) * S;
+      for (int64_t c = 0; c < S; ++c) {
+        const float w = c < cols ? weights[k * stride_k + (s * S + c) * stride_n] : 0.f;
+        if (bf16) {
+          uint32_t bits;
+          std::memcpy(&bits, &w, 4);
+          static_cast<uint16_t*>(out)[at + c] = static_cast<uint16_t>(bits >> 16);
+        } else {
+          static_cast<float*>(out)[at + c] = w;
+        }
+      }
     }
   }
 }

@@ -690,3 +690,121 @@ def test_fp32_engine_with_matmulf32_keeps_the_greedy_tokens(library, fp32_artifa
     assert tokens_ours == tokens_ort
     per_step = np.abs(logits_ours - logits_ort).max(axis=(1, 2)) / np.abs(logits_ort).max()
     assert per_step.max() <= 1e-5, per_step  # fp32 throughout: only the summation order differs
+
+
+# --- MatMulF32 over bf16-valued weights: stored as bf16, widened exactly ----------------------------
+def _bf16_values(a: np.ndarray) -> np.ndarray:
+    """a rounded to bfloat16 values (round to nearest even), kept as fp32."""
+    bits = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def test_bf16_exact():
+    w = _bf16_values(np.random.default_rng(0).standard_normal((40, 30), dtype=np.float32))
+    assert layout.bf16_exact(w)
+    w[7, 3] = np.nextafter(w[7, 3], np.float32(np.inf))  # one weight with a lower half
+    assert not layout.bf16_exact(w)
+
+
+@needs_avx512
+@pytest.mark.parametrize("k,n", [(37, 48), (300, 1000), (2048, 97)])
+@pytest.mark.parametrize("m", [1, 8, 9, 300])
+def test_f32_bf16_strips_give_the_fp32_strips_bits(library, monkeypatch, k, n, m):
+    """Same products, same order: a bf16-valued weight gives bit-identical outputs from half the bytes."""
+    rng = np.random.default_rng(k + n + m)
+    w = _bf16_values(rng.standard_normal((k, n), dtype=np.float32))
+    x = rng.standard_normal((1, m, k), dtype=np.float32)
+    rewrite, session = _f32_session(library, _f32_model(w))
+    assert rewrite.f32_bf16_weights == 1
+    assert next(iter(rewrite.weights.values())).size == layout.tiled_f32_size(k, n, bf16=True) == -(-n // 48) * k * 96
+    monkeypatch.setenv(kernels.BF16_ENV, "0")
+    rewrite32, session32 = _f32_session(library, _f32_model(w))
+    assert rewrite32.f32_bf16_weights == 0 and rewrite32.f32_nodes == 1
+    y, y32 = session.run(None, {"x": x})[0], session32.run(None, {"x": x})[0]
+    np.testing.assert_array_equal(y, y32)
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    assert np.abs(y - ref).max() <= max(k, 8) * 2.0 ** -22 * np.abs(x).max() * np.abs(w).max()
+
+
+@needs_avx512
+def test_f32_bf16_strips_match_their_definition(library):
+    w = _bf16_values(np.random.default_rng(1).standard_normal((5, 50), dtype=np.float32))
+    tiled = layout.tile_f32(library, w, 5, 50, bf16=True).view(np.uint16).reshape(2, 5, 48)
+    upper = (w.view(np.uint32) >> 16).astype(np.uint16)
+    np.testing.assert_array_equal(tiled[0], upper[:, :48])
+    np.testing.assert_array_equal(tiled[1, :, :2], upper[:, 48:])
+    assert not tiled[1, :, 2:].any()
+    # transposed: a Gemm's [N, K] weight tiles to the same strips as its [K, N] transpose
+    np.testing.assert_array_equal(layout.tile_f32(library, np.ascontiguousarray(w.T), 5, 50, bf16=True, transposed=True),
+                                  layout.tile_f32(library, w, 5, 50, bf16=True))
+
+
+def _tied_head_model(emb: np.ndarray):
+    """ids -> Gather(emb) -> Gemm(x, emb, transB=1): the exported graph's tied embedding and head."""
+    vocab, hidden = emb.shape
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["h"]),
+             helper.make_node("Reshape", ["h", "shape"], ["h2"]),
+             helper.make_node("Gemm", ["h2", "emb"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(emb, "emb"),
+                                           numpy_helper.from_array(np.array([-1, hidden], np.int64), "shape")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@needs_avx512
+def test_f32_tied_head_gemm_runs_over_bf16_strips_and_the_embedding_stays(library):
+    rng = np.random.default_rng(5)
+    emb = _bf16_values(rng.standard_normal((300, 64), dtype=np.float32))
+    model = _tied_head_model(emb)
+    rewrite, session = _f32_session(library, model)
+    assert rewrite.f32_nodes == 1 and rewrite.f32_bf16_weights == 1
+    assert [n.op_type for n in model.graph.node] == ["Gather", "Reshape", kernels.OP_F32]
+    assert "emb" in {t.name for t in model.graph.initializer}  # the Gather still reads it
+    ids = np.array([3, 299, 0, 17, 17, 250, 1, 2, 9, 44], np.int64)
+    got = session.run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, emb[ids] @ emb.T, rtol=1e-5, atol=1e-4)
+
+
+@needs_avx512
+def test_f32_tied_head_with_fp32_values_stays_on_onnxruntime(library):
+    """An fp32 copy of a tied embedding would add its whole size to memory for no fewer bytes read."""
+    emb = np.random.default_rng(6).standard_normal((300, 64), dtype=np.float32)
+    model = _tied_head_model(emb)
+    rewrite, session = _f32_session(library, model)
+    assert rewrite.f32_nodes == 0 and not rewrite.weights
+    assert [n.op_type for n in model.graph.node] == ["Gather", "Reshape", "Gemm"]
+    ids = np.array([3, 299, 0], np.int64)
+    np.testing.assert_allclose(session.run(None, {"ids": ids})[0], emb[ids] @ emb.T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def bf16_valued_fp32_artifact_k128(tmp_path_factory):
+    """An fp32 export of a checkpoint saved as bfloat16 (as every released Granite 4.0 is)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from granite_deploy.export.exporter import export
+    from granite_deploy.export.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("bf16k128")
+    ckpt = make_tiny_checkpoint(root / "ckpt", hidden_size=128, intermediate_size=256, shared_intermediate_size=256,
+                                num_attention_heads=4, num_key_value_heads=2)
+    weights = ckpt / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in load_file(weights).items()}, weights,
+              metadata={"format": "pt"})
+    return export(ckpt, root / "fp32")
+
+
+@needs_avx512
+def test_fp32_engine_over_bf16_valued_weights_keeps_the_greedy_tokens(library, bf16_valued_fp32_artifact_k128,
+                                                                       fp32_artifact_k128, monkeypatch):
+    prompts = [[5, 17, 42, 99, 7, 3, 250, 11, 64], [12, 300, 8], [77] * 20]
+    n_ours, tokens_ours, logits_ours = _run(bf16_valued_fp32_artifact_k128, monkeypatch, True, prompts, 12)
+    n_ort, tokens_ort, logits_ort = _run(bf16_valued_fp32_artifact_k128, monkeypatch, False, prompts, 12)
+    n_fp32, _, _ = _run(fp32_artifact_k128, monkeypatch, True, prompts, 1)
+    assert n_ort == 0 and n_ours == n_fp32 + 1  # the tied head too: its bf16 copy halves what it reads
+    assert tokens_ours == tokens_ort
+    per_step = np.abs(logits_ours - logits_ort).max(axis=(1, 2)) / np.abs(logits_ort).max()
+    assert per_step.max() <= 1e-5, per_step

@@ -93,13 +93,15 @@ void f32_strip(const float* A, int64_t M, int64_t K, int64_t N, const W* B, int6
   const int64_t cols = std::min<int64_t>(kF32Strip, N - s * kF32Strip), kc = M <= 8 ? K : kF32KBlock;
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t k1 = std::min(K, k0 + kc);
-    if constexpr (sizeof(W) == 2) if (M > 8) {
-      alignas(64) thread_local float block[kF32KBlock * kF32Strip];
-      f32_widen(reinterpret_cast<const uint16_t*>(strip), k0, k1, block);
-      for (int64_t m = 0; m < M; m += 8)
-        f32_rows<float>(std::min<int64_t>(8, M - m), A + m * K + k0, K, block, 0, k1 - k0, Y + m * N + s * kF32Strip,
-                        N, cols, k0 > 0);
-      continue;
+    if constexpr (std::is_same_v<W, uint16_t>) {
+      if (M > 8) {  // widen the bf16 block once; every row tile reads the fp32 copy from L2
+        alignas(64) thread_local float block[kF32KBlock * kF32Strip];
+        f32_widen(strip, k0, k1, block);
+        for (int64_t m = 0; m < M; m += 8)
+          f32_rows<float>(std::min<int64_t>(8, M - m), A + m * K + k0, K, block, 0, k1 - k0,
+                          Y + m * N + s * kF32Strip, N, cols, k0 > 0);
+        continue;
+      }
     }
     for (int64_t m = 0; m < M; m += 8)
       f32_rows(std::min<int64_t>(8, M - m), A + m * K, K, strip, k0, k1, Y + m * N + s * kF32Strip, N, cols, k0 > 0);

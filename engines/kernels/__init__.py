@@ -189,7 +189,6 @@ class KernelRewrite:
         self.f32_bf16_weights = 0  # of their weights, those every value of which is bf16, stored as bf16
         self.attention_nodes = 0  # GroupQueryAttention nodes whose one-token calls run DecodeAttention
         self.weights: dict[str, np.ndarray] = {}
-        self.f32_originals: set[str] = set()
         self._values: list = []
 
     def attach(self, options) -> None:
@@ -258,10 +257,10 @@ def _f32_weight(node, initializers) -> tuple[int, int, bool] | None:
     return (int(t.dims[1]), int(t.dims[0]), True) if plain else None
 
 
-def _use_f32(model, initializers, folder: Path | None, library: Path, rewrite: KernelRewrite) -> None:
+def _use_f32(model, initializers, folder: Path | None, library: Path, rewrite: KernelRewrite) -> set[str]:
     """Every MatMul (subgraphs too) whose B is an fp32 [K, N] initializer, and the head's Gemm(transB),
     becomes MatMulF32 over a strip-tiled copy (one per weight, however many nodes share it), as bf16
-    where every value of the weight is one (layout.bf16_exact)."""
+    where every value of the weight is one (layout.bf16_exact). Returns the weights it replaced."""
     from onnx import helper
 
     from .layout import bf16_exact, tile_f32
@@ -276,8 +275,8 @@ def _use_f32(model, initializers, folder: Path | None, library: Path, rewrite: K
             values = _read_initializer(initializers[weight], folder)
             bf16 = allow_bf16 and bf16_exact(values)
             if transposed and not bf16:
-                # The head's weight is the tied embedding, which stays for the Gather: an fp32 copy would
-                # add its whole size to memory for no fewer bytes read (MLAS's GEMV streams as fast).
+                # A transposed weight is the head's, tied to the embedding (every Granite 4.0), which stays
+                # for the Gather: an fp32 copy would add its size for no fewer bytes read (MLAS streams as fast).
                 skipped.add((weight, transposed))
                 continue
             name = f"{weight}/{OP_F32}_tiled" + ("_t" if transposed else "")
@@ -286,7 +285,6 @@ def _use_f32(model, initializers, folder: Path | None, library: Path, rewrite: K
             rewrite.f32_bf16_weights += bf16
     chosen = [(node, shape) for node, shape in chosen if (node.input[1], shape[2]) in tiled]
     for node, (k, n, transposed) in chosen:
-        rewrite.f32_originals.add(node.input[1])
         name, bf16 = tiled[node.input[1], transposed]
         node.input[1] = name
         node.op_type, node.domain = OP_F32, DOMAIN
@@ -295,6 +293,7 @@ def _use_f32(model, initializers, folder: Path | None, library: Path, rewrite: K
                                helper.make_attribute("bf16", int(bf16))])
     rewrite.nodes += len(chosen)
     rewrite.f32_nodes = len(chosen)
+    return {weight for weight, _ in tiled}
 
 
 def use_kernels(model, folder: str | Path | None = None, library: Path | None = None) -> KernelRewrite:
@@ -385,8 +384,7 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
         rewrite.nodes += len(chosen8)
         rewrite.q8_nodes = len(chosen8)
 
-    if f32_supported():
-        _use_f32(model, initializers, folder, library, rewrite)
+    originals_f32 = _use_f32(model, initializers, folder, library, rewrite) if f32_supported() else set()
     if os.environ.get(ATTENTION_ENV, "1") != "0":
         rewrite.attention_nodes = decode_attention.rewrite(model, DOMAIN)
     if rewrite.attention_nodes and not any(o.domain == DOMAIN for o in model.opset_import):
@@ -404,7 +402,7 @@ def use_kernels(model, folder: str | Path | None = None, library: Path | None = 
 
     inputs_of(model.graph)
     used.update(o.name for o in model.graph.output)
-    originals = ({name for key in tiled_names for name in key} | originals_q8 | rewrite.f32_originals) - used
+    originals = ({name for key in tiled_names for name in key} | originals_q8 | originals_f32) - used
     kept = [t for t in model.graph.initializer if t.name not in originals]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
